@@ -1,0 +1,50 @@
+# The everyday commands. `make up` and `make test` are the two the README promises.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install protos test lint typecheck fmt token up bench clean
+
+install: $(STAMP) protos
+
+# Reinstall when the dependency list changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Stubs (todo/v1), Envoy's descriptor set and the OpenAPI document, all from protos/.
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: install
+	$(PY) -m mypy common task_service conversation_service agent_service gateway scripts
+
+test: lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+fmt: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+# Prints a token for the local secret: make token USER=alice
+USER ?= alice
+token: install
+	@$(PY) -m common.tokens $(USER)
+
+# The whole stack: natively (default without a Docker engine) or with docker compose.
+MODE ?=
+up: install
+	$(PY) scripts/up.py $(if $(MODE),--mode $(MODE),)
+
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) todo build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""agent_service: AgentService.Chat over gRPC, and the five task tools over MCP."""

@@ -1,0 +1,1 @@
+"""The shared runtime every service uses: settings, logging, auth, server bootstrap, database."""

@@ -1,0 +1,25 @@
+"""gRPC channels to our own services, and the metadata that carries the caller along."""
+
+from __future__ import annotations
+
+import grpc
+
+from common.auth import Caller
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.enable_retries", 1),
+]
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    """A channel to one of our services. Create it inside the running event loop."""
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def caller_metadata(caller: Caller) -> tuple[tuple[str, str], ...]:
+    """Metadata that makes a downstream call act as `caller` (and keeps the request id)."""
+    metadata = [("authorization", f"Bearer {caller.token}")]
+    if caller.request_id:
+        metadata.append(("x-request-id", caller.request_id))
+    return tuple(metadata)

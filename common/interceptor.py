@@ -1,0 +1,142 @@
+"""The one server interceptor: authenticates every call, names the caller, maps errors, logs.
+
+For each RPC (health and reflection excepted) it reads `authorization` from the metadata,
+verifies the bearer token, and runs the handler with the `Caller` and request id in context
+variables. Handlers raise `common.errors.ServiceError`s; this is the single place that turns
+them (and database outages) into gRPC statuses. Every call leaves one access-log line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from common import auth, logs
+from common.errors import ServiceError, Unauthenticated, status_for
+
+log = logging.getLogger("rpc")
+
+# Calls that need no token: probes and introspection.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, verifier: auth.TokenVerifier) -> None:
+        self._verifier = verifier
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        metadata = {key: value for key, value in handler_call_details.invocation_metadata or ()}
+        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)
+        try:
+            token = auth.bearer_token(_text(metadata.get("authorization")))
+            user_id = await self._verifier.verify(token)
+            caller: auth.Caller | ServiceError = auth.Caller(user_id=user_id, token=token, request_id=request_id)
+        except ServiceError as error:
+            caller = error
+        return _wrap(handler, method, caller, request_id)
+
+
+def _text(value: str | bytes | None) -> str | None:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler, method: str, caller: auth.Caller | ServiceError, request_id: str
+) -> grpc.RpcMethodHandler:
+    """The same handler, run as `caller` (or refused with its auth error), with errors mapped."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(handler.unary_unary, method, caller, request_id),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(handler.unary_stream, method, caller, request_id),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    raise NotImplementedError(f"{method}: client-streaming RPCs are not used by this project")
+
+
+class _CallScope:
+    """Sets the caller and request id for the duration of one call, and logs its outcome."""
+
+    def __init__(self, method: str, caller: auth.Caller | ServiceError, request_id: str, context: Any) -> None:
+        self.method, self.caller, self.request_id, self.context = method, caller, request_id, context
+
+    async def __aenter__(self) -> None:
+        self.started = time.perf_counter()
+        self.tokens = (logs.request_id_var.set(self.request_id),)
+        if isinstance(self.caller, ServiceError):
+            await self._abort(self.caller)
+            return
+        self.caller_token = auth.set_caller(self.caller)
+
+    async def __aexit__(self, exc_type: type | None, error: BaseException | None, tb: Any) -> bool:
+        if not isinstance(self.caller, ServiceError):
+            auth.reset_caller(self.caller_token)
+        try:
+            if error is not None and not _is_abort(error):
+                mapped = status_for(error)
+                if mapped is None:
+                    log.error("unhandled error in %s", self.method, exc_info=(exc_type, error, tb))  # type: ignore[arg-type]
+                    mapped = (grpc.StatusCode.INTERNAL, "internal error")
+                self._log(mapped[0])
+                await self.context.abort(mapped[0], mapped[1])
+            self._log(self.context.code() or grpc.StatusCode.OK)
+            return False
+        finally:
+            logs.request_id_var.reset(self.tokens[0])
+
+    async def _abort(self, error: ServiceError) -> None:
+        self._log(error.code)
+        if isinstance(error, Unauthenticated):
+            self.context.set_trailing_metadata((("www-authenticate", 'Bearer error="invalid_token"'),))
+        logs.request_id_var.reset(self.tokens[0])
+        await self.context.abort(error.code, error.message)
+
+    def _log(self, code: grpc.StatusCode | int) -> None:
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        user = self.caller.user_id if isinstance(self.caller, auth.Caller) else None
+        elapsed_ms = round((time.perf_counter() - self.started) * 1000, 2)
+        log.info("rpc", extra={"method": self.method, "code": name, "ms": elapsed_ms, "user": user})
+
+
+def _is_abort(error: BaseException) -> bool:
+    # context.abort() raises this; the status is already set.
+    return type(error).__name__ == "AbortError"
+
+
+def _unary(behavior: Callable[..., Any], method: str, caller: auth.Caller | ServiceError, request_id: str) -> Any:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with _CallScope(method, caller, request_id, context):
+            return await behavior(request, context)
+
+    return handle
+
+
+def _streaming(behavior: Callable[..., Any], method: str, caller: auth.Caller | ServiceError, request_id: str) -> Any:
+    if not inspect.isasyncgenfunction(behavior):
+        return _unary(behavior, method, caller, request_id)  # a handler that writes via context.write
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with _CallScope(method, caller, request_id, context):
+            async for response in behavior(request, context):
+                yield response
+
+    return handle

@@ -1,0 +1,81 @@
+"""One server bootstrap for every gRPC service.
+
+`run_service(...)` configures logging, builds a grpc.aio server with the auth interceptor,
+the standard health service and reflection, lets the service register its servicer, and
+serves until SIGTERM/SIGINT. On a signal it first reports NOT_SERVING (so load balancers and
+/readyz stop sending work), then gives in-flight calls `GRPC_SHUTDOWN_GRACE_SECONDS` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.auth import TokenVerifier
+from common.interceptor import AuthInterceptor
+from common.logs import configure_logging
+from common.settings import Settings, port_of
+
+log = logging.getLogger("server")
+
+# A service's setup: given the server and settings, register servicers and yield while serving.
+# Work before the `yield` runs at start (migrations, pools); after it, at shutdown.
+Lifespan = Callable[[grpc.aio.Server, Settings], AbstractAsyncContextManager[None]]
+
+MAX_MESSAGE_BYTES = 1 * 1024 * 1024  # no request of ours is near this; bigger ones are refused
+
+
+def build_server(settings: Settings) -> grpc.aio.Server:
+    return grpc.aio.server(
+        interceptors=[AuthInterceptor(TokenVerifier(settings))],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_metadata_size", 16 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+
+
+async def serve(name: str, service_names: list[str], address: str, lifespan: Lifespan, settings: Settings) -> None:
+    """Serve `service_names` on the port of `address` until a shutdown signal."""
+    server = build_server(settings)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with lifespan(server, settings):
+        bind = f"{settings.grpc_bind_host}:{port_of(address)}"
+        if server.add_insecure_port(bind) == 0:
+            raise SystemExit(f"{name}: cannot listen on {bind}")
+        await server.start()
+        await _set_serving(health_servicer, service_names, health_pb2.HealthCheckResponse.SERVING)
+        log.info("listening", extra={"service": name, "address": bind})
+        await stop.wait()
+        log.info("shutting down", extra={"service": name, "grace_s": settings.grpc_shutdown_grace_seconds})
+        await _set_serving(health_servicer, service_names, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(settings.grpc_shutdown_grace_seconds)
+    log.info("stopped", extra={"service": name})
+
+
+async def _set_serving(servicer: health.aio.HealthServicer, names: list[str], status: int) -> None:
+    for service_name in ["", *names]:  # "" is the whole server, what probes ask by default
+        await servicer.set(service_name, status)
+
+
+def main(name: str, service_names: list[str], address_of: Callable[[Settings], str], lifespan: Lifespan) -> None:
+    """Entry point of a service's `__main__`."""
+    settings = Settings.load()
+    configure_logging(name, settings.log_level, settings.log_format)
+    asyncio.run(serve(name, service_names, address_of(settings), lifespan, settings))

@@ -1,0 +1,129 @@
+"""Settings from environment variables, each with a documented default.
+
+`Settings.load()` reads the environment once; every service takes the fields it needs.
+The README's settings table lists the same variables (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def setting(env: str, default: Any, doc: str) -> Any:
+    """A dataclass field read from the environment variable `env`."""
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: str = setting("STATE_DIR", ".state", "Folder for local state: SQLite files, the generated secret, logs.")
+    log_level: str = setting("LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_format: str = setting("LOG_FORMAT", "json", "`json` (one object per line) or `text`.")
+
+    # Where each gRPC service listens and where the others reach it.
+    grpc_bind_host: str = setting(
+        "GRPC_BIND_HOST", "127.0.0.1", "Interface the gRPC servers bind (0.0.0.0 in containers)."
+    )
+    task_service_addr: str = setting(
+        "TASK_SERVICE_ADDR", "127.0.0.1:50051", "task_service's host:port; it listens on this port."
+    )
+    conversation_service_addr: str = setting(
+        "CONVERSATION_SERVICE_ADDR", "127.0.0.1:50052", "conversation_service's host:port; it listens on this port."
+    )
+    agent_service_addr: str = setting(
+        "AGENT_SERVICE_ADDR", "127.0.0.1:50053", "agent_service's host:port; it listens on this port."
+    )
+    grpc_shutdown_grace_seconds: float = setting(
+        "GRPC_SHUTDOWN_GRACE_SECONDS", 10.0, "On SIGTERM, how long in-flight calls may finish."
+    )
+
+    # Databases: one per service.
+    task_database_url: str = setting(
+        "TASK_DATABASE_URL", "", "task_service's database; default `sqlite+aiosqlite:///$STATE_DIR/tasks.db`."
+    )
+    conversation_database_url: str = setting(
+        "CONVERSATION_DATABASE_URL",
+        "",
+        "conversation_service's database; default `sqlite+aiosqlite:///$STATE_DIR/conversations.db`.",
+    )
+    database_pool_size: int = setting("DATABASE_POOL_SIZE", 10, "Connections per service process (PostgreSQL).")
+
+    # Identity.
+    better_auth_secret: str = setting(
+        "BETTER_AUTH_SECRET", "", "Shared HS256 secret (Better Auth). `make up` creates one if unset."
+    )
+    auth_jwks_url: str = setting(
+        "AUTH_JWKS_URL", "", "JWKS URL (EdDSA/RS256/ES256); when set, tokens are verified against it."
+    )
+    auth_issuer: str = setting("AUTH_ISSUER", "", "Required `iss` in JWKS mode, if set.")
+    auth_audience: str = setting("AUTH_AUDIENCE", "", "Required `aud` in JWKS mode, if set.")
+    auth_leeway_seconds: int = setting("AUTH_LEEWAY_SECONDS", 30, "Clock skew allowed on `exp`/`nbf`/`iat`.")
+    auth_jwks_cache_seconds: int = setting("AUTH_JWKS_CACHE_SECONDS", 300, "How long fetched JWKS keys are cached.")
+    page_token_secret: str = setting(
+        "PAGE_TOKEN_SECRET", "", "Key that signs page tokens; defaults to BETTER_AUTH_SECRET, else random per process."
+    )
+
+    # The model.
+    llm_base_url: str = setting("LLM_BASE_URL", "", "OpenAI-compatible endpoint; empty uses the built-in model.")
+    llm_api_key: str = setting("LLM_API_KEY", "", "API key for LLM_BASE_URL (any non-empty string for local servers).")
+    llm_model: str = setting("LLM_MODEL", "gpt-4o-mini", "Model name sent to LLM_BASE_URL.")
+    llm_timeout_seconds: float = setting("LLM_TIMEOUT_SECONDS", 60.0, "Timeout of one model request.")
+    llm_max_retries: int = setting("LLM_MAX_RETRIES", 2, "Retries (with backoff) on 429, 5xx and timeouts.")
+    agent_max_steps: int = setting("AGENT_MAX_STEPS", 8, "Model steps per chat turn before a polite stop.")
+    agent_history_window: int = setting("AGENT_HISTORY_WINDOW", 20, "Earlier messages sent to the model each turn.")
+    agent_http_host: str = setting("AGENT_HTTP_HOST", "127.0.0.1", "Interface of the agent's HTTP server (MCP).")
+    agent_http_port: int = setting("AGENT_HTTP_PORT", 8001, "Port of the agent's HTTP server (MCP at /mcp).")
+    mcp_allowed_hosts: str = setting(
+        "MCP_ALLOWED_HOSTS",
+        "127.0.0.1:*,localhost:*,[::1]:*",
+        "Host headers the MCP endpoint accepts (comma-separated, `*` port wildcard).",
+    )
+    public_base_url: str = setting(
+        "PUBLIC_BASE_URL", "http://127.0.0.1:8080", "The gateway's public URL (MCP metadata)."
+    )
+
+    # The gateway.
+    gateway_port: int = setting("GATEWAY_PORT", 8080, "Port of the REST gateway (Envoy).")
+    cors_allowed_origins: str = setting(
+        "CORS_ALLOWED_ORIGINS", "http://localhost:3000", "Comma-separated origins allowed by CORS."
+    )
+
+    @classmethod
+    def load(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Read every setting from `environ` (default: os.environ), converting to the field's type."""
+        environ = dict(os.environ) if environ is None else environ
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            raw = environ.get(spec.metadata["env"])
+            if raw is None:
+                continue
+            values[spec.name] = _convert(raw, type(spec.default), spec.metadata["env"])
+        return cls(**values)
+
+    def database_url(self, service: str) -> str:
+        """The service's database URL; a SQLite file under STATE_DIR unless configured."""
+        configured = {"task": self.task_database_url, "conversation": self.conversation_database_url}[service]
+        if configured:
+            return configured
+        filename = {"task": "tasks.db", "conversation": "conversations.db"}[service]
+        return f"sqlite+aiosqlite:///{Path(self.state_dir).resolve() / filename}"
+
+
+def _convert(raw: str, kind: type, env: str) -> Any:
+    try:
+        return kind(raw)
+    except ValueError as error:
+        raise SystemExit(f"setting {env}={raw!r} is not a valid {kind.__name__}") from error
+
+
+def port_of(addr: str) -> int:
+    """The port of a host:port address."""
+    return int(addr.rsplit(":", 1)[1])
+
+
+def documented_settings() -> list[tuple[str, Any, str]]:
+    """(variable, default, description) for every setting, for docs and tests."""
+    return [(spec.metadata["env"], spec.default, spec.metadata["doc"]) for spec in fields(Settings)]
