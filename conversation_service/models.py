@@ -1,0 +1,71 @@
+"""The tables conversation_service owns. Migrations in migrations/versions must match them."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("user_id", String(255), primary_key=True),
+    # The user's own conversation number: 1, 2, 3, ... per user, never reused.
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    # Empty until set by CreateConversation, the first user message, or UpdateConversation.
+    Column("title", String(255), nullable=False, default=""),
+    # The client's key for CreateConversation retries; NULL when none was given.
+    Column("request_id", String(255), nullable=True),
+    # The last message number handed out in this conversation. An append bumps it with one
+    # UPDATE ... RETURNING, which also row-locks the conversation until the append commits.
+    Column("last_message_id", Integer, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("user_id", "request_id", name="uq_conversations_user_request"),
+    # ListConversations: newest activity first.
+    Index("ix_conversations_user_updated_id", "user_id", "updated_at", "id"),
+)
+
+# The last conversation number handed out per user. Deleting a conversation never lowers it,
+# so numbers are never reused; the upsert that bumps it serializes concurrent creates of one user.
+conversation_counters = Table(
+    "conversation_counters",
+    metadata,
+    Column("user_id", String(255), primary_key=True),
+    Column("last_id", Integer, nullable=False),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("user_id", String(255), primary_key=True),
+    Column("conversation_id", Integer, primary_key=True, autoincrement=False),
+    # The message's position in its conversation: 1, 2, 3, ...
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("role", String(16), nullable=False),
+    Column("content", Text, nullable=False),
+    # [{"name": str, "arguments"?: object, "result"?: any JSON, "error"?: str}, ...]
+    Column("tool_calls", JSON, nullable=False),
+    # The client's key for AppendMessage retries; NULL when none was given.
+    Column("request_id", String(255), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    ForeignKeyConstraint(
+        ["user_id", "conversation_id"],
+        ["conversations.user_id", "conversations.id"],
+        name="fk_messages_conversation",
+        ondelete="CASCADE",
+    ),
+    UniqueConstraint("user_id", "conversation_id", "request_id", name="uq_messages_conversation_request"),
+)

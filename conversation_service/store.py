@@ -1,0 +1,252 @@
+"""Every query on conversations and messages. Each one is scoped by the user id it is given."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, case, delete, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from conversation_service.models import conversation_counters, conversations, messages
+
+ROLES = ("user", "assistant")
+
+
+@dataclass(frozen=True)
+class ConversationRow:
+    id: int
+    title: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    role: str
+    content: str
+    # JSON-ready tool calls: {"name", "arguments"?, "result"?, "error"?}.
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    request_id: str = ""
+    # The conversation's title if it has none yet (set by the first user message).
+    title_if_untitled: str = ""
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    id: int
+    role: str
+    content: str
+    tool_calls: list[dict[str, Any]]
+    created_at: datetime
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything we store is UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _conversation(row: Any) -> ConversationRow:
+    return ConversationRow(row.id, row.title, _utc(row.created_at), _utc(row.updated_at))
+
+
+def _message(row: Any) -> MessageRow:
+    return MessageRow(row.id, row.role, row.content, list(row.tool_calls or []), _utc(row.created_at))
+
+
+_CONVERSATION_COLUMNS = (
+    conversations.c.id,
+    conversations.c.title,
+    conversations.c.created_at,
+    conversations.c.updated_at,
+)
+_MESSAGE_COLUMNS = (messages.c.id, messages.c.role, messages.c.content, messages.c.tool_calls, messages.c.created_at)
+
+
+def _one_conversation(user_id: str, conversation_id: int) -> Any:
+    return and_(conversations.c.user_id == user_id, conversations.c.id == conversation_id)
+
+
+def _in_conversation(user_id: str, conversation_id: int) -> Any:
+    return and_(messages.c.user_id == user_id, messages.c.conversation_id == conversation_id)
+
+
+class ConversationStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+        self._upsert = dialect.insert
+
+    # Conversations.
+
+    async def create(self, user_id: str, title: str, request_id: str) -> ConversationRow:
+        """A new conversation, or the one this user already created with `request_id`."""
+        now = datetime.now(UTC)
+        async with self._engine.connect() as conn, conn.begin() as transaction:
+            # Bumping the counter first row-locks it until commit, so a concurrent create with
+            # the same request_id has committed (and is visible) by the time we look for it.
+            number = await self._next_conversation_number(conn, user_id)
+            if request_id:
+                existing = (
+                    await conn.execute(
+                        select(*_CONVERSATION_COLUMNS).where(
+                            conversations.c.user_id == user_id, conversations.c.request_id == request_id
+                        )
+                    )
+                ).first()
+                if existing is not None:
+                    await transaction.rollback()  # hands the number back: nothing is stored
+                    return _conversation(existing)
+            row = ConversationRow(number, title, now, now)
+            values = {**vars(row), "user_id": user_id, "request_id": request_id or None, "last_message_id": 0}
+            await conn.execute(insert(conversations).values(**values))
+        return row
+
+    async def _next_conversation_number(self, conn: AsyncConnection, user_id: str) -> int:
+        """Bump and return the user's counter in one atomic statement (row-locked until commit)."""
+        statement = self._upsert(conversation_counters).values(user_id=user_id, last_id=1)
+        statement = statement.on_conflict_do_update(
+            index_elements=[conversation_counters.c.user_id],
+            set_={"last_id": conversation_counters.c.last_id + 1},
+        ).returning(conversation_counters.c.last_id)
+        return int((await conn.execute(statement)).scalar_one())
+
+    async def get(self, user_id: str, conversation_id: int) -> ConversationRow | None:
+        async with self._engine.connect() as conn:
+            row = await self._get(conn, user_id, conversation_id)
+        return row
+
+    async def _get(self, conn: AsyncConnection, user_id: str, conversation_id: int) -> ConversationRow | None:
+        query = select(*_CONVERSATION_COLUMNS).where(_one_conversation(user_id, conversation_id))
+        row = (await conn.execute(query)).first()
+        return _conversation(row) if row else None
+
+    async def list_conversations(
+        self, user_id: str, after: tuple[datetime, int] | None, limit: int
+    ) -> list[ConversationRow]:
+        """Up to `limit` conversations, newest activity first, strictly after the `after` key."""
+        query = select(*_CONVERSATION_COLUMNS).where(conversations.c.user_id == user_id)
+        if after is not None:
+            updated_at, conversation_id = after
+            query = query.where(
+                or_(
+                    conversations.c.updated_at < updated_at,
+                    and_(conversations.c.updated_at == updated_at, conversations.c.id < conversation_id),
+                )
+            )
+        query = query.order_by(conversations.c.updated_at.desc(), conversations.c.id.desc()).limit(limit)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_conversation(row) for row in rows]
+
+    async def rename(self, user_id: str, conversation_id: int, title: str) -> ConversationRow | None:
+        statement = (
+            update(conversations)
+            .where(_one_conversation(user_id, conversation_id))
+            .values(title=title, updated_at=datetime.now(UTC))
+            .returning(*_CONVERSATION_COLUMNS)
+        )
+        async with self._engine.begin() as conn:
+            row = (await conn.execute(statement)).first()
+        return _conversation(row) if row else None
+
+    async def delete(self, user_id: str, conversation_id: int) -> bool:
+        """Delete the conversation and its messages; False if the user has no such conversation."""
+        async with self._engine.begin() as conn:
+            # The conversation row first: on PostgreSQL that waits for (and then blocks) appends.
+            statement = delete(conversations).where(_one_conversation(user_id, conversation_id))
+            deleted = (await conn.execute(statement.returning(conversations.c.id))).first()
+            # The foreign key cascades too; this keeps it true even where the FK is not enforced.
+            await conn.execute(delete(messages).where(_in_conversation(user_id, conversation_id)))
+        return deleted is not None
+
+    # Messages.
+
+    async def append(self, user_id: str, conversation_id: int, new: NewMessage) -> tuple[MessageRow, bool] | None:
+        """(the message, created). A known request_id returns the original with created=False;
+        None if the user has no such conversation."""
+        async with self._engine.connect() as conn, conn.begin() as transaction:
+            number = await self._next_message_number(conn, user_id, conversation_id, new)
+            if number is None:
+                return None
+            # Looked up after the row lock, so a concurrent retry has committed or not started.
+            earlier = await self._by_request_id(conn, user_id, conversation_id, new.request_id)
+            if earlier is not None:
+                await transaction.rollback()  # neither the number nor updated_at moves
+                return earlier, False
+            row = MessageRow(number, new.role, new.content, new.tool_calls, datetime.now(UTC))
+            values = {**vars(row), "user_id": user_id, "conversation_id": conversation_id}
+            await conn.execute(insert(messages).values(**values, request_id=new.request_id or None))
+        return row, True
+
+    async def _next_message_number(
+        self, conn: AsyncConnection, user_id: str, conversation_id: int, new: NewMessage
+    ) -> int | None:
+        """Bump the conversation's last message number (row-locked until commit), touch
+        updated_at, and title an untitled conversation from a user message."""
+        changes: dict[str, Any] = {
+            "last_message_id": conversations.c.last_message_id + 1,
+            "updated_at": datetime.now(UTC),
+        }
+        if new.title_if_untitled:
+            changes["title"] = case((conversations.c.title == "", new.title_if_untitled), else_=conversations.c.title)
+        statement = (
+            update(conversations)
+            .where(_one_conversation(user_id, conversation_id))
+            .values(**changes)
+            .returning(conversations.c.last_message_id)
+        )
+        number = (await conn.execute(statement)).scalar_one_or_none()
+        return None if number is None else int(number)
+
+    async def _by_request_id(
+        self, conn: AsyncConnection, user_id: str, conversation_id: int, request_id: str
+    ) -> MessageRow | None:
+        if not request_id:
+            return None
+        query = select(*_MESSAGE_COLUMNS).where(
+            _in_conversation(user_id, conversation_id), messages.c.request_id == request_id
+        )
+        row = (await conn.execute(query)).first()
+        return _message(row) if row else None
+
+    async def message_by_request_id(
+        self, user_id: str, conversation_id: int, request_id: str
+    ) -> tuple[bool, MessageRow | None]:
+        """(whether the conversation exists, the message appended with request_id)."""
+        async with self._engine.connect() as conn:
+            if await self._get(conn, user_id, conversation_id) is None:
+                return False, None
+            return True, await self._by_request_id(conn, user_id, conversation_id, request_id)
+
+    async def list_messages(
+        self, user_id: str, conversation_id: int, after_id: int, limit: int
+    ) -> list[MessageRow] | None:
+        """Up to `limit` messages with id > after_id, oldest first; None if no such conversation."""
+        query = (
+            select(*_MESSAGE_COLUMNS)
+            .where(_in_conversation(user_id, conversation_id), messages.c.id > after_id)
+            .order_by(messages.c.id)
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            if await self._get(conn, user_id, conversation_id) is None:
+                return None
+            rows = (await conn.execute(query)).all()
+        return [_message(row) for row in rows]
+
+    async def recent_messages(self, user_id: str, conversation_id: int, limit: int) -> list[MessageRow] | None:
+        """The last `limit` messages, oldest first; None if no such conversation."""
+        query = (
+            select(*_MESSAGE_COLUMNS)
+            .where(_in_conversation(user_id, conversation_id))
+            .order_by(messages.c.id.desc())
+            .limit(limit)
+        )
+        async with self._engine.connect() as conn:
+            if await self._get(conn, user_id, conversation_id) is None:
+                return None
+            rows = (await conn.execute(query)).all()
+        return [_message(row) for row in reversed(rows)]
