@@ -71,6 +71,11 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
+def _has_control(text: str) -> bool:
+    # A user id is stored and logged: NUL cannot go into PostgreSQL text, control characters into logs.
+    return any(ord(char) < 32 or ord(char) == 127 for char in text)
+
+
 class TokenVerifier:
     """Verifies a JWT and returns its subject."""
 
@@ -83,8 +88,10 @@ class TokenVerifier:
         self._jwks_client: jwt.PyJWKClient | None = None
         if settings.auth_jwks_url:
             self._algorithms = JWKS_ALGORITHMS
+            # cache_keys=False: PyJWKClient's per-kid LRU never expires, so a key removed from the
+            # JWKS would stay valid forever; `self._keys` below caches per kid for cache_seconds.
             self._jwks_client = jwt.PyJWKClient(
-                settings.auth_jwks_url, cache_keys=True, lifespan=settings.auth_jwks_cache_seconds, timeout=5
+                settings.auth_jwks_url, cache_keys=False, lifespan=settings.auth_jwks_cache_seconds, timeout=5
             )
             self._secret = ""
         elif settings.better_auth_secret:
@@ -112,7 +119,7 @@ class TokenVerifier:
         except (jwt.PyJWTError, ValueError, TypeError) as error:
             raise Unauthenticated(f"invalid token: {error}") from error
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_LENGTH:
+        if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_LENGTH or _has_control(subject):
             raise Unauthenticated("invalid token: bad 'sub' claim")
         return subject
 
