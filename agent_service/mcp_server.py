@@ -1,0 +1,308 @@
+"""The five task tools over MCP streamable HTTP at /mcp, for any MCP client.
+
+Built on the SDK's low-level `Server` so the schemas clients see are exactly tools.py's (the
+one definition shared with the chat agent), plus an optional `user_id` argument that the
+hackathon contract lists (it must name the caller). Each call runs `tools.execute` as the
+caller of the bearer token, which goes on to task_service, which verifies it again.
+
+Transport: stateless, JSON responses. No session lives in this process, so any replica can
+answer any request and a restart loses nothing; the tools never need server-to-client
+messages, so no SSE stream is kept open (which also keeps proxies simple).
+
+Results: an object tool result is the structuredContent as it is; list_tasks' list is wrapped
+as `{"tasks": [...]}` because structuredContent must be an object. The text content is the
+same JSON, for clients that read only text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+import grpc
+import mcp_types as types
+import uvicorn
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import Server
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.authentication import AuthenticationBackend
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from agent_service import tools
+from agent_service.mcp_auth import MCP_PATH, SubjectTokenVerifier, auth_error_response, auth_settings, caller_of
+from common.auth import Caller, TokenVerifier
+from common.logs import request_id_var
+from common.settings import Settings
+from todo.v1 import task_pb2_grpc
+
+log = logging.getLogger("agent_service.mcp")
+
+SERVER_NAME = "todo-tasks"
+SERVER_VERSION = "1.0.0"
+LIST_RESULT_KEY = "tasks"  # list_tasks' structuredContent: {"tasks": [...]}
+TOOL_TIMEOUT_SECONDS = 30.0  # one tool call (list_tasks reads up to 5 pages)
+INSTRUCTIONS = (
+    "Manage the authenticated user's todo list: add_task, list_tasks, complete_task, delete_task, "
+    "update_task. Task ids are the user's own task numbers as shown by list_tasks."
+)
+USER_ID_PROPERTY = {
+    "type": "string",
+    "description": "Optional. The authenticated user's id; tools only ever act on the caller's own tasks.",
+}
+ANNOTATIONS = {
+    "add_task": types.ToolAnnotations(title="Add a task", read_only_hint=False, destructive_hint=False),
+    "list_tasks": types.ToolAnnotations(title="List tasks", read_only_hint=True),
+    "complete_task": types.ToolAnnotations(
+        title="Complete a task", read_only_hint=False, destructive_hint=False, idempotent_hint=True
+    ),
+    "delete_task": types.ToolAnnotations(title="Delete a task", read_only_hint=False, destructive_hint=True),
+    "update_task": types.ToolAnnotations(
+        title="Update a task", read_only_hint=False, destructive_hint=True, idempotent_hint=True
+    ),
+}
+# What a client is told when task_service itself fails (details stay in our logs).
+RPC_FAILURES = {
+    grpc.StatusCode.UNAVAILABLE: "the task service is unavailable right now; try again shortly",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the task service did not answer in time; try again",
+    grpc.StatusCode.UNAUTHENTICATED: "the task service refused the token (expired?); sign in again",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "too many requests; slow down and try again",
+}
+
+
+def mcp_input_schema(tool: tools.Tool) -> dict[str, Any]:
+    """tools.py's argument schema plus the optional `user_id` of the hackathon contract."""
+    schema = copy.deepcopy(tool.input_schema)
+    schema["properties"]["user_id"] = dict(USER_ID_PROPERTY)
+    return schema
+
+
+def mcp_output_schema(tool: tools.Tool) -> dict[str, Any]:
+    """tools.py's result schema; a list result is wrapped in an object (structuredContent is one)."""
+    if tool.output_schema.get("type") == "object":
+        return copy.deepcopy(tool.output_schema)
+    return {
+        "type": "object",
+        "properties": {LIST_RESULT_KEY: copy.deepcopy(tool.output_schema)},
+        "required": [LIST_RESULT_KEY],
+        "additionalProperties": False,
+    }
+
+
+def structured(result: Any) -> dict[str, Any]:
+    return result if isinstance(result, dict) else {LIST_RESULT_KEY: result}
+
+
+def mcp_tools() -> list[types.Tool]:
+    return [
+        types.Tool(
+            name=tool.name,
+            description=tool.description,
+            input_schema=mcp_input_schema(tool),
+            output_schema=mcp_output_schema(tool),
+            annotations=ANNOTATIONS.get(tool.name),
+        )
+        for tool in tools.TOOLS.values()
+    ]
+
+
+def error_result(message: str) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(type="text", text=message)], is_error=True)
+
+
+def success_result(result: Any) -> types.CallToolResult:
+    content = structured(result)
+    text = json.dumps(content, ensure_ascii=False)
+    return types.CallToolResult(content=[types.TextContent(type="text", text=text)], structured_content=content)
+
+
+def build_server(task_channel: grpc.aio.Channel) -> Server[Any]:
+    """The MCP server: list the five tools, run a call as the token's user."""
+    listed = mcp_tools()
+    stub = task_pb2_grpc.TaskServiceStub(task_channel)
+
+    async def list_tools(
+        ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=listed)
+
+    async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
+        caller = caller_of(ctx)
+        request_id = request_id_var.set(caller.request_id)  # our log lines carry Envoy's x-request-id
+        started = time.monotonic()
+        try:
+            result = await run_tool(params.name, params.arguments or {}, caller, stub)
+            log.info(
+                "mcp tool call",
+                extra={
+                    "tool": params.name,
+                    "user_id": caller.user_id,
+                    "is_error": result.is_error,
+                    "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                },
+            )
+            return result
+        finally:
+            request_id_var.reset(request_id)
+
+    return Server(
+        SERVER_NAME,
+        version=SERVER_VERSION,
+        instructions=INSTRUCTIONS,
+        get_tool_input_schema=lambda name: next((t.input_schema for t in listed if t.name == name), None),
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+    )
+
+
+async def run_tool(
+    name: str, arguments: dict[str, Any], caller: Caller, stub: task_pb2_grpc.TaskServiceStub
+) -> types.CallToolResult:
+    """One tool call; every failure becomes an error result (isError) with a clear message."""
+    try:
+        async with asyncio.timeout(TOOL_TIMEOUT_SECONDS):
+            return success_result(await tools.execute(name, arguments, caller, stub))
+    except tools.ToolError as error:
+        return error_result(str(error))
+    except grpc.aio.AioRpcError as error:
+        log.warning("mcp tool failed", extra={"tool": name, "code": error.code().name, "details": error.details()})
+        return error_result(RPC_FAILURES.get(error.code(), f"the task service failed ({error.code().name})"))
+    except TimeoutError:
+        log.warning("mcp tool timed out", extra={"tool": name})
+        return error_result(f"{name} did not finish within {TOOL_TIMEOUT_SECONDS:.0f} s; try again")
+
+
+def split_list(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def transport_security(settings: Settings) -> TransportSecuritySettings:
+    """DNS-rebinding protection: only the Host headers in MCP_ALLOWED_HOSTS reach the tools.
+
+    `*` alone turns the check off (only for deployments where a proxy already pins Host).
+    Browser Origins are allowed for the same hosts (http and https) and for the CORS origins.
+    """
+    hosts = split_list(settings.mcp_allowed_hosts)
+    if hosts == ["*"]:
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    origins = [f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")]
+    origins += split_list(settings.cors_allowed_origins)
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+class NoStandaloneStream:
+    """GET /mcp -> 405: stateless, a server-to-client stream would carry nothing, forever.
+
+    The spec lets a server answer the GET with 405; without this an idle SSE connection stays
+    open per client (and holds up graceful shutdown).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == MCP_PATH:
+            refusal = PlainTextResponse("use POST: this MCP server is stateless", 405, headers={"Allow": "POST"})
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def with_auth_error_handler(middleware: Middleware) -> Middleware:
+    if middleware.cls is not AuthenticationMiddleware:
+        return middleware
+    backend = cast(AuthenticationBackend, middleware.kwargs["backend"])
+    return Middleware(AuthenticationMiddleware, backend=backend, on_error=auth_error_response)
+
+
+def create_app(settings: Settings, task_channel: grpc.aio.Channel) -> Starlette:
+    """The ASGI app: POST /mcp (bearer auth) and GET /.well-known/oauth-protected-resource/mcp.
+
+    Its lifespan runs the SDK's session manager: serve it as the root app (as serve_http
+    does), or run `app.router.lifespan_context` when mounting it elsewhere.
+    """
+    server = build_server(task_channel)
+    app = server.streamable_http_app(
+        streamable_http_path=MCP_PATH,
+        stateless_http=True,
+        json_response=True,
+        transport_security=transport_security(settings),
+        auth=auth_settings(settings),
+        token_verifier=SubjectTokenVerifier(TokenVerifier(settings)),
+    )
+    # A JWKS outage is not a bad token: answer 503 (retry) instead of Starlette's default 400.
+    app.user_middleware = [with_auth_error_handler(mw) for mw in app.user_middleware]
+    app.user_middleware.insert(0, Middleware(NoStandaloneStream))
+    return app
+
+
+class _PlainRecords(logging.Filter):
+    """uvicorn adds an ANSI-coloured copy of some messages; our JSON lines don't want it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("color_message", None)
+        return True
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our process: the host process owns SIGTERM/SIGINT, not uvicorn."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Listen on host:port now, so a busy port is a clear OSError here, not a sys.exit in uvicorn."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_http(settings: Settings, task_channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
+    """Serve the MCP app on AGENT_HTTP_HOST:AGENT_HTTP_PORT until `stop` is set, then drain and stop.
+
+    In-flight requests get GRPC_SHUTDOWN_GRACE_SECONDS to finish.
+    """
+    config = uvicorn.Config(
+        create_app(settings, task_channel),
+        log_config=None,  # keep the process's JSON logging
+        access_log=False,  # Envoy logs requests; we log one line per tool call
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, round(settings.grpc_shutdown_grace_seconds)),
+        server_header=False,
+    )
+    server = _EmbeddedServer(config)
+    # The SDK logs "Terminating session: None" at INFO for every stateless request.
+    logging.getLogger("mcp.server.streamable_http").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(_PlainRecords())
+    sock = bind_socket(settings.agent_http_host, settings.agent_http_port)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    stopping = asyncio.create_task(stop.wait())
+    log.info("mcp listening", extra={"address": f"{settings.agent_http_host}:{settings.agent_http_port}"})
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        server.should_exit = True
+        stopping.cancel()
+        await serving  # re-raises if uvicorn failed on its own
+    if not stop.is_set():
+        raise RuntimeError("the MCP HTTP server stopped on its own")
+    log.info("mcp stopped")

@@ -1,0 +1,412 @@
+"""The MCP server (agent_service/mcp_server.py) with the official MCP client over real HTTP.
+
+Real processes: task_service and agent_service (which serves MCP at /mcp next to its gRPC
+port), then the same behind Envoy (scripts/stack.py), where the tasks an MCP client made
+are the ones REST shows. Each test uses its own user ids, so the tests do not depend on
+one another's tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx2
+import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp_types import CallToolResult
+
+from agent_service.mcp_server import transport_security
+from agent_service.tools import TOOLS
+from common.settings import Settings
+from tests.gateway_fixtures import Gateway, start_gateway
+from tests.support import ServiceProcess, auth_metadata, free_port, token
+from todo.v1 import task_pb2, task_pb2_grpc
+
+METADATA_PATH = "/.well-known/oauth-protected-resource/mcp"
+JSON_RPC_LIST_TOOLS = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+MCP_POST_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+@dataclass
+class McpHost:
+    base_url: str  # the agent's HTTP server (MCP at /mcp)
+    task_addr: str
+    task_service: ServiceProcess
+
+
+def user(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx2.get(url, timeout=2).status_code == 200:
+                return
+        except httpx2.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def host(base_env: dict[str, str], database_url_factory: Callable[[str, str], str], log_dir: Path) -> Iterator[McpHost]:
+    """task_service + agent_service as processes; MCP at the agent's AGENT_HTTP_PORT."""
+    http_port = free_port()
+    env = {
+        **base_env,
+        "TASK_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
+        "CONVERSATION_SERVICE_ADDR": f"127.0.0.1:{free_port()}",  # not needed by MCP; nothing listens
+        "AGENT_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
+        "AGENT_HTTP_PORT": str(http_port),
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{http_port}",
+        "TASK_DATABASE_URL": database_url_factory("sqlite", "mcp_tasks"),
+        "LLM_BASE_URL": "",
+    }
+    processes = [
+        ServiceProcess("task_service", env, env["TASK_SERVICE_ADDR"], log_dir),
+        ServiceProcess("agent_service", env, env["AGENT_SERVICE_ADDR"], log_dir),
+    ]
+    try:
+        with ThreadPoolExecutor(len(processes)) as pool:  # start together: most of the time is imports
+            for future in [pool.submit(process.start, 120) for process in processes]:
+                future.result()
+        base_url = f"http://127.0.0.1:{http_port}"
+        wait_http(base_url + METADATA_PATH)
+        yield McpHost(base_url=base_url, task_addr=env["TASK_SERVICE_ADDR"], task_service=processes[0])
+    finally:
+        for process in processes:
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, database_url_factory: Callable[[str, str], str]
+) -> Iterator[Gateway]:
+    with start_gateway(tmp_path_factory, database_url_factory, "sqlite", services=["task", "agent"]) as gw:
+        yield gw
+
+
+@asynccontextmanager
+async def mcp_session(url: str, bearer: str, modern: bool = False) -> AsyncIterator[ClientSession]:
+    """An initialized session of the official client, sending `Authorization: Bearer <bearer>`."""
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {bearer}"}, timeout=30) as http,
+        streamable_http_client(url, http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        # modern: the 2026-07-28 per-request envelope (server/discover); else the initialize handshake.
+        await (session.discover() if modern else session.initialize())
+        yield session
+
+
+def structured(result: CallToolResult) -> Any:
+    """The structured result, after checking the text content carries the same JSON."""
+    assert not result.is_error, result
+    assert json.loads(result.content[0].text) == result.structured_content  # type: ignore[union-attr]
+    return result.structured_content
+
+
+def error_text(result: CallToolResult) -> str:
+    assert result.is_error, result
+    assert result.structured_content is None
+    return result.content[0].text  # type: ignore[union-attr]
+
+
+async def tasks_via_grpc(task_addr: str, user_id: str) -> list[task_pb2.Task]:
+    """The user's tasks as task_service itself reports them to that user."""
+    async with grpc.aio.insecure_channel(task_addr) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        reply = await stub.ListTasks(
+            task_pb2.ListTasksRequest(status="all", page_size=100), metadata=auth_metadata(user_id), timeout=10
+        )
+    return list(reply.tasks)
+
+
+# --- tools and schemas -------------------------------------------------------------------
+
+
+async def test_tools_are_listed_with_the_schemas_of_tools_py(host: McpHost) -> None:
+    async with mcp_session(host.base_url + "/mcp", token(user("schema"))) as session:
+        listed = {tool.name: tool for tool in (await session.list_tools()).tools}
+
+    assert sorted(listed) == sorted(TOOLS)
+    required = {name: tool.input_schema["required"] for name, tool in listed.items()}
+    assert required == {
+        "add_task": ["title"],
+        "list_tasks": [],
+        "complete_task": ["task_id"],
+        "delete_task": ["task_id"],
+        "update_task": ["task_id"],
+    }
+    for name, tool in listed.items():
+        definition = TOOLS[name]
+        assert tool.description == definition.description
+        # Exactly tools.py's schema, plus the optional user_id the hackathon contract lists.
+        properties = dict(tool.input_schema["properties"])
+        assert properties.pop("user_id")["type"] == "string"
+        assert {**tool.input_schema, "properties": properties} == definition.input_schema
+        assert tool.output_schema is not None and tool.output_schema["type"] == "object"
+    for name in ("add_task", "complete_task", "delete_task", "update_task"):
+        assert listed[name].output_schema == TOOLS[name].output_schema
+    list_output = listed["list_tasks"].output_schema
+    assert list_output is not None
+    assert list_output["required"] == ["tasks"]
+    assert list_output["properties"]["tasks"] == TOOLS["list_tasks"].output_schema
+    assert listed["list_tasks"].annotations is not None and listed["list_tasks"].annotations.read_only_hint
+
+
+async def test_every_tool_returns_the_api_shapes(host: McpHost) -> None:
+    async with mcp_session(host.base_url + "/mcp", token(user("shapes"))) as session:
+        added = structured(await session.call_tool("add_task", {"title": "  Buy milk ", "description": "2 l"}))
+        assert added == {"task_id": 1, "status": "created", "title": "Buy milk"}
+        second = structured(await session.call_tool("add_task", {"title": "Call mom"}))
+        assert second == {"task_id": 2, "status": "created", "title": "Call mom"}
+
+        listed = structured(await session.call_tool("list_tasks", {}))["tasks"]
+        assert [set(task) for task in listed] == [{"id", "title", "description", "completed", "created_at"}] * 2
+        assert [(t["id"], t["title"], t["description"], t["completed"]) for t in listed] == [
+            (1, "Buy milk", "2 l", False),
+            (2, "Call mom", "", False),
+        ]
+        assert listed[0]["created_at"].endswith("Z")
+
+        updated = structured(await session.call_tool("update_task", {"task_id": 2, "title": "Call mum"}))
+        assert updated == {"task_id": 2, "status": "updated", "title": "Call mum"}
+        completed = structured(await session.call_tool("complete_task", {"task_id": 1}))
+        assert completed == {"task_id": 1, "status": "completed", "title": "Buy milk"}
+
+        done = structured(await session.call_tool("list_tasks", {"status": "completed"}))["tasks"]
+        pending = structured(await session.call_tool("list_tasks", {"status": "pending"}))["tasks"]
+        assert [(t["id"], t["completed"]) for t in done] == [(1, True)]
+        assert [(t["id"], t["title"]) for t in pending] == [(2, "Call mum")]
+
+        deleted = structured(await session.call_tool("delete_task", {"task_id": 2}))
+        assert deleted == {"task_id": 2, "status": "deleted", "title": "Call mum"}
+        remaining = structured(await session.call_tool("list_tasks", {"status": "all"}))["tasks"]
+        assert [t["id"] for t in remaining] == [1]
+
+
+async def test_the_modern_protocol_era_works_too(host: McpHost) -> None:
+    async with mcp_session(host.base_url + "/mcp", token(user("modern")), modern=True) as session:
+        assert sorted(tool.name for tool in (await session.list_tools()).tools) == sorted(TOOLS)
+        added = structured(await session.call_tool("add_task", {"title": "Modern"}))
+        assert added == {"task_id": 1, "status": "created", "title": "Modern"}
+        assert [t["title"] for t in structured(await session.call_tool("list_tasks", {}))["tasks"]] == ["Modern"]
+
+
+async def test_mistakes_are_error_results_and_the_session_goes_on(host: McpHost) -> None:
+    caller = user("mistakes")
+    async with mcp_session(host.base_url + "/mcp", token(caller)) as session:
+        assert "not found" in error_text(await session.call_tool("complete_task", {"task_id": 42}))
+        assert "task_id" in error_text(await session.call_tool("delete_task", {"task_id": "abc"}))
+        assert "title" in error_text(await session.call_tool("add_task", {}))
+        assert "title" in error_text(await session.call_tool("add_task", {"title": "x" * 300}))
+        assert "colour" in error_text(await session.call_tool("add_task", {"title": "t", "colour": "red"}))
+        assert "status" in error_text(await session.call_tool("list_tasks", {"status": "someday"}))
+        assert "title or description" in error_text(await session.call_tool("update_task", {"task_id": 1}))
+        assert "unknown tool" in error_text(await session.call_tool("drop_tables", {}))
+        # Still usable, and none of the refused calls wrote anything.
+        assert structured(await session.call_tool("list_tasks", {})) == {"tasks": []}
+        assert structured(await session.call_tool("add_task", {"title": "ok", "user_id": caller}))["task_id"] == 1
+    assert [task.title for task in await tasks_via_grpc(host.task_addr, caller)] == ["ok"]
+
+
+# --- tenant isolation ---------------------------------------------------------------------
+
+
+async def test_user_b_can_neither_see_nor_change_user_a_tasks(host: McpHost) -> None:
+    alice, bob = user("alice"), user("bob")
+    url = host.base_url + "/mcp"
+    async with mcp_session(url, token(alice)) as as_alice:
+        for title in ("A one", "A two"):
+            await as_alice.call_tool("add_task", {"title": title})
+    before = await tasks_via_grpc(host.task_addr, alice)
+    assert [(t.id, t.title, t.completed) for t in before] == [(1, "A one", False), (2, "A two", False)]
+
+    async with mcp_session(url, token(bob)) as as_bob:
+        assert structured(await as_bob.call_tool("list_tasks", {})) == {"tasks": []}
+        for name, arguments in [
+            ("complete_task", {"task_id": 1}),
+            ("update_task", {"task_id": 1, "title": "hijacked"}),
+            ("delete_task", {"task_id": 2}),
+        ]:
+            assert "not found" in error_text(await as_bob.call_tool(name, arguments))
+        # Naming A as user_id is refused outright, whatever the tool.
+        for name, arguments in [
+            ("list_tasks", {}),
+            ("add_task", {"title": "planted"}),
+            ("complete_task", {"task_id": 1}),
+            ("update_task", {"task_id": 1, "title": "hijacked"}),
+            ("delete_task", {"task_id": 2}),
+        ]:
+            refusal = error_text(await as_bob.call_tool(name, {**arguments, "user_id": alice}))
+            assert "user_id must be the authenticated user" in refusal
+            assert "A one" not in refusal and "A two" not in refusal
+
+    after = await tasks_via_grpc(host.task_addr, alice)
+    assert [(t.id, t.title, t.description, t.completed) for t in after] == [
+        (t.id, t.title, t.description, t.completed) for t in before
+    ]
+    assert await tasks_via_grpc(host.task_addr, bob) == []
+
+
+# --- auth and transport security ----------------------------------------------------------
+
+
+async def test_no_token_is_401_with_the_resource_metadata_pointer(host: McpHost) -> None:
+    async with httpx2.AsyncClient(timeout=10) as http:
+        for headers in ({}, {"Authorization": "Bearer not-a-jwt"}, {"Authorization": "Basic YTpi"}):
+            reply = await http.post(
+                host.base_url + "/mcp", json=JSON_RPC_LIST_TOOLS, headers={**MCP_POST_HEADERS, **headers}
+            )
+            assert reply.status_code == 401, reply.text
+            challenge = reply.headers["www-authenticate"]
+            assert challenge.startswith("Bearer ")
+            assert f'resource_metadata="{host.base_url}{METADATA_PATH}"' in challenge
+            assert "tools" not in reply.text
+
+        metadata = await http.get(host.base_url + METADATA_PATH)
+    assert metadata.status_code == 200
+    document = metadata.json()
+    assert document["resource"] == host.base_url + "/mcp"
+    assert document["authorization_servers"] == [host.base_url]
+    assert document["bearer_methods_supported"] == ["header"]
+
+
+async def test_expired_or_foreign_tokens_are_refused(host: McpHost) -> None:
+    expired = token(user("late"), ttl_seconds=-120)  # past the 30 s leeway
+    foreign = token(user("forger"), secret="another-secret-" + "y" * 32)
+    async with httpx2.AsyncClient(timeout=10) as http:
+        for bearer in (expired, foreign):
+            reply = await http.post(
+                host.base_url + "/mcp",
+                json=JSON_RPC_LIST_TOOLS,
+                headers={**MCP_POST_HEADERS, "Authorization": f"Bearer {bearer}"},
+            )
+            assert reply.status_code == 401, reply.text
+            assert "resource_metadata=" in reply.headers["www-authenticate"]
+    # The official client gets an error, not a session (anyio wraps it in exception groups).
+    with pytest.raises(ExceptionGroup) as refused:
+        async with mcp_session(host.base_url + "/mcp", expired):
+            pass
+    assert refused.value.subgroup(MCPError) is not None, refused.value
+
+
+async def test_host_header_outside_the_allow_list_is_refused(host: McpHost) -> None:
+    bearer = token(user("host"))
+    headers = {**MCP_POST_HEADERS, "Authorization": f"Bearer {bearer}"}
+    port = host.base_url.rsplit(":", 1)[1]
+    async with httpx2.AsyncClient(timeout=10) as http:
+        for bad_host in (f"evil.example:{port}", "attacker.test", f"127.0.0.1.nip.io:{port}"):
+            reply = await http.post(
+                host.base_url + "/mcp", json=JSON_RPC_LIST_TOOLS, headers={**headers, "Host": bad_host}
+            )
+            assert reply.status_code == 421, (bad_host, reply.text)
+        # The default allow-list: loopback names with any port.
+        allowed = await http.post(
+            host.base_url + "/mcp", json=JSON_RPC_LIST_TOOLS, headers={**headers, "Host": f"localhost:{port}"}
+        )
+        assert allowed.status_code == 200 and "add_task" in allowed.text
+        # A browser page from another origin is refused too.
+        cross_site = await http.post(
+            host.base_url + "/mcp", json=JSON_RPC_LIST_TOOLS, headers={**headers, "Origin": "https://evil.example"}
+        )
+        assert cross_site.status_code == 403
+
+
+async def test_get_opens_no_stream_on_the_stateless_server(host: McpHost) -> None:
+    async with httpx2.AsyncClient(timeout=10) as http:
+        reply = await http.get(
+            host.base_url + "/mcp",
+            headers={"Accept": "text/event-stream", "Authorization": f"Bearer {token(user('get'))}"},
+        )
+    assert reply.status_code == 405
+    assert reply.headers["allow"] == "POST"
+
+
+async def test_concurrent_sessions_each_act_as_their_own_user(host: McpHost) -> None:
+    users = [user(f"many{index}") for index in range(6)]
+
+    async def add_and_list(caller: str) -> list[str]:
+        async with mcp_session(host.base_url + "/mcp", token(caller)) as session:
+            await session.call_tool("add_task", {"title": f"task of {caller}"})
+            return [t["title"] for t in structured(await session.call_tool("list_tasks", {}))["tasks"]]
+
+    listed = await asyncio.gather(*(add_and_list(caller) for caller in users))
+    assert listed == [[f"task of {caller}"] for caller in users]
+
+
+async def test_task_service_down_is_an_error_result_then_service_resumes(host: McpHost) -> None:
+    caller = user("outage")
+    async with mcp_session(host.base_url + "/mcp", token(caller)) as session:
+        structured(await session.call_tool("add_task", {"title": "before"}))
+        host.task_service.stop()
+        try:
+            refusal = error_text(await session.call_tool("list_tasks", {}))
+            assert "unavailable" in refusal and "Traceback" not in refusal
+        finally:
+            await asyncio.to_thread(host.task_service.start)
+        # Same session, same agent process: it recovers without a restart.
+        listed = structured(await session.call_tool("list_tasks", {}))["tasks"]
+        assert [t["title"] for t in listed] == ["before"]
+
+
+def test_allowed_hosts_setting_shapes_the_transport_security() -> None:
+    containers = transport_security(Settings.load({"MCP_ALLOWED_HOSTS": "localhost:*, agent_service:*,gateway:*"}))
+    assert containers.enable_dns_rebinding_protection
+    assert containers.allowed_hosts == ["localhost:*", "agent_service:*", "gateway:*"]
+    assert "http://gateway:*" in containers.allowed_origins
+    assert "http://localhost:3000" in containers.allowed_origins  # CORS_ALLOWED_ORIGINS' default
+    assert not transport_security(Settings.load({"MCP_ALLOWED_HOSTS": "*"})).enable_dns_rebinding_protection
+
+
+# --- through Envoy ------------------------------------------------------------------------
+
+
+async def test_mcp_through_the_gateway_shares_tasks_with_rest(gateway: Gateway) -> None:
+    alice, bob = user("gw-alice"), user("gw-bob")
+    async with mcp_session(gateway.base_url + "/mcp", token(alice)) as session:
+        added = structured(await session.call_tool("add_task", {"title": "via MCP"}))
+        assert added == {"task_id": 1, "status": "created", "title": "via MCP"}
+        structured(await session.call_tool("complete_task", {"task_id": 1}))
+
+    async with httpx2.AsyncClient(base_url=gateway.base_url, timeout=10) as http:
+        rest = await http.get(f"/api/{alice}/tasks", headers={"Authorization": f"Bearer {token(alice)}"})
+        assert rest.status_code == 200, rest.text
+        assert [(t["id"], t["title"], t["completed"]) for t in rest.json()["tasks"]] == [(1, "via MCP", True)]
+
+        # A task made over REST is listed over MCP; bob sees none of alice's.
+        made = await http.post(
+            f"/api/{alice}/tasks", json={"title": "via REST"}, headers={"Authorization": f"Bearer {token(alice)}"}
+        )
+        assert made.status_code == 200, made.text
+    async with mcp_session(gateway.base_url + "/mcp", token(alice)) as session:
+        titles = [t["title"] for t in structured(await session.call_tool("list_tasks", {}))["tasks"]]
+        assert titles == ["via MCP", "via REST"]
+    async with mcp_session(gateway.base_url + "/mcp", token(bob)) as session:
+        assert structured(await session.call_tool("list_tasks", {})) == {"tasks": []}
+        assert "not found" in error_text(await session.call_tool("delete_task", {"task_id": 1}))
+
+
+async def test_gateway_answers_401_with_its_own_metadata_url(gateway: Gateway) -> None:
+    async with httpx2.AsyncClient(base_url=gateway.base_url, timeout=10) as http:
+        reply = await http.post("/mcp", json=JSON_RPC_LIST_TOOLS, headers=MCP_POST_HEADERS)
+        assert reply.status_code == 401
+        assert f'resource_metadata="{gateway.base_url}{METADATA_PATH}"' in reply.headers["www-authenticate"]
+        metadata = await http.get(METADATA_PATH)
+        assert metadata.status_code == 200
+        assert metadata.json()["resource"] == gateway.base_url + "/mcp"
