@@ -9,6 +9,10 @@ from common.auth import Caller
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 1),
+    # Reconnect to a restarted service within about a second. gRPC's default backoff grows to
+    # 120 s, so after a few seconds of outage calls kept failing fast long after it was back.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 

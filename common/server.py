@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common import ratelimit
 from common.auth import TokenVerifier
 from common.interceptor import AuthInterceptor
 from common.logs import configure_logging
@@ -46,6 +47,7 @@ def build_server(settings: Settings) -> grpc.aio.Server:
 async def serve(name: str, service_names: list[str], address: str, lifespan: Lifespan, settings: Settings) -> None:
     """Serve `service_names` on the port of `address` until a shutdown signal."""
     server = build_server(settings)
+    ratelimit.configure(settings)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -66,6 +68,7 @@ async def serve(name: str, service_names: list[str], address: str, lifespan: Lif
         log.info("shutting down", extra={"service": name, "grace_s": settings.grpc_shutdown_grace_seconds})
         await _set_serving(health_servicer, service_names, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(settings.grpc_shutdown_grace_seconds)
+        await ratelimit.close()
     log.info("stopped", extra={"service": name})
 
 

@@ -91,6 +91,23 @@ class Settings:
         "CORS_ALLOWED_ORIGINS", "http://localhost:3000", "Comma-separated origins allowed by CORS."
     )
 
+    # Per-user rate limits (common/ratelimit.py).
+    rate_limit_writes_per_minute: int = setting(
+        "RATE_LIMIT_WRITES_PER_MINUTE", 120, "Task writes (create/update/complete/delete) per user per minute; 0 = off."
+    )
+    rate_limit_chat_per_minute: int = setting(
+        "RATE_LIMIT_CHAT_PER_MINUTE", 30, "Chat turns per user per minute; 0 = off."
+    )
+    rate_limit_redis_url: str = setting(
+        "RATE_LIMIT_REDIS_URL",
+        "",
+        "Redis holding the budgets, shared by all replicas (e.g. `redis://127.0.0.1:6379/0`); empty = per process. "
+        "If Redis is unreachable, requests are let through (fail open) and a warning is logged.",
+    )
+    rate_limit_key_prefix: str = setting(
+        "RATE_LIMIT_KEY_PREFIX", "todo:ratelimit:", "Prefix of the rate-limit keys in Redis."
+    )
+
     @classmethod
     def load(cls, environ: dict[str, str] | None = None) -> Settings:
         """Read every setting from `environ` (default: os.environ), converting to the field's type."""

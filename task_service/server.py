@@ -13,6 +13,7 @@ from common import db, validation
 from common.auth import authorized_user
 from common.errors import InvalidArgument, NotFound
 from common.pagination import PageTokens, page_size
+from common.ratelimit import rate_limited
 from common.settings import Settings
 from task_service.store import STATUS_FILTERS, TaskRow, TaskStore
 from todo.v1 import task_pb2, task_pb2_grpc
@@ -47,6 +48,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         self._store = store
         self._page_tokens = page_tokens
 
+    @rate_limited("writes")
     async def CreateTask(self, request: task_pb2.CreateTaskRequest, context: grpc.aio.ServicerContext) -> task_pb2.Task:
         user_id = authorized_user(request.user_id)
         title = validation.title(request.title)
@@ -77,6 +79,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             next_token = self._page_tokens.encode(user_id, f"tasks:{status}", rows[-1].id)
         return task_pb2.ListTasksResponse(tasks=[task_message(row) for row in rows], next_page_token=next_token)
 
+    @rate_limited("writes")
     async def UpdateTask(self, request: task_pb2.UpdateTaskRequest, context: grpc.aio.ServicerContext) -> task_pb2.Task:
         user_id = authorized_user(request.user_id)
         task_id = validation.positive_id(request.task_id, "task_id")
@@ -87,6 +90,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             changes["description"] = validation.description(request.description)
         return _found(await self._store.update(user_id, task_id, changes), task_id)
 
+    @rate_limited("writes")
     async def SetTaskCompleted(
         self, request: task_pb2.SetTaskCompletedRequest, context: grpc.aio.ServicerContext
     ) -> task_pb2.Task:
@@ -95,6 +99,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         completed = request.completed if request.HasField("completed") else True
         return _found(await self._store.set_completed(user_id, task_id, completed), task_id)
 
+    @rate_limited("writes")
     async def DeleteTask(self, request: task_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> task_pb2.Task:
         user_id = authorized_user(request.user_id)
         task_id = validation.positive_id(request.task_id, "task_id")
