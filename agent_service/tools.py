@@ -23,7 +23,14 @@ from common.auth import Caller
 from common.clients import caller_metadata
 from todo.v1 import task_pb2, task_pb2_grpc
 
-TASK_TOOL_ERRORS = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
+# task_service answers that are about this call (the model can tell the user), not outages.
+# RESOURCE_EXHAUSTED is the user's write budget: the model says to slow down.
+TASK_TOOL_ERRORS = {
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 LIST_LIMIT = 500  # list_tasks returns at most this many tasks (5 pages of 100)
 
 
