@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install protos test lint typecheck fmt token up bench clean
+.PHONY: install protos test lint typecheck fmt docs token up bench clean
 
 install: $(STAMP) protos
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 # Stubs (todo/v1), Envoy's descriptor set and the OpenAPI document, all from protos/.
 protos: $(STAMP)
-	$(PY) scripts/gen_protos.py
+	$(PY) -m scripts.gen_protos
 
 lint: install
 	$(PY) -m ruff check .
@@ -33,15 +33,20 @@ fmt: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-# Prints a token for the local secret: make token USER=alice
-USER ?= alice
+# Refreshes the README's settings table from common/settings.py.
+docs: install
+	$(PY) -m scripts.settings_table --write
+
+# Prints a token for the local secret: make token USER=bob (alice by default; the
+# shell's own $USER does not count, only one given on the command line)
+USER := alice
 token: install
 	@$(PY) -m common.tokens $(USER)
 
 # The whole stack: natively (default without a Docker engine) or with docker compose.
 MODE ?=
 up: install
-	$(PY) scripts/up.py $(if $(MODE),--mode $(MODE),)
+	$(PY) -m scripts.up $(if $(MODE),--mode $(MODE),)
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)

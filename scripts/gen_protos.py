@@ -62,6 +62,11 @@ def main() -> None:
         ]
     )
     print(f"generated stubs in todo/v1 and {DESCRIPTOR_SET.relative_to(ROOT)}")
+    # The OpenAPI document Envoy serves at /openapi.json, from the same descriptor set.
+    sys.path.insert(0, str(ROOT))
+    from gateway.openapi import generate
+
+    print(f"generated {generate(DESCRIPTOR_SET).relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

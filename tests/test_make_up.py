@@ -1,0 +1,169 @@
+"""`make up` as a user runs it: the whole stack natively, stopped with Ctrl-C, started again.
+
+The exact command runs from the repository root in its own process group (like a terminal's
+foreground job); Ctrl-C is SIGINT to that group. Ports and STATE_DIR are private to the test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.gateway_fixtures import Gateway
+from tests.support import ROOT, free_port, token
+
+START_TIMEOUT = 240  # `make up` may first (re)install the venv when pyproject.toml changed
+
+
+def make_up_env(state_dir: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MAKE", "MFLAGS"))}
+    env.pop("BETTER_AUTH_SECRET", None)  # make up must create and keep one
+    for name in ("TASK_DATABASE_URL", "CONVERSATION_DATABASE_URL", "LLM_BASE_URL"):
+        env.pop(name, None)
+    env |= {
+        "STATE_DIR": str(state_dir),
+        "GATEWAY_PORT": str(free_port()),
+        "TASK_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
+        "CONVERSATION_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
+        "AGENT_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
+        "AGENT_HTTP_PORT": str(free_port()),
+        "GRPC_SHUTDOWN_GRACE_SECONDS": "5",
+        "MODE": "native",
+    }
+    return env
+
+
+class MakeUp:
+    """One `make up` run: its process group, output file and gateway URL."""
+
+    def __init__(self, env: dict[str, str], output: Path) -> None:
+        self.env, self.output = env, output
+        self.base_url = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
+        with output.open("ab") as sink:
+            self.process = subprocess.Popen(
+                ["make", "up"], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"make up exited:\n{self.tail()}"
+            if status_of(self.base_url + "/readyz") == 200:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"/readyz not 200 after {START_TIMEOUT}s:\n{self.tail()}")
+
+    def ctrl_c(self) -> int:
+        """Ctrl-C; make itself then dies by the same SIGINT once up.py has stopped everything."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        try:
+            return self.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise AssertionError(f"make up did not stop on SIGINT:\n{self.tail()}") from None
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.output.read_text(errors="replace").splitlines()[-lines:])
+
+
+def status_of(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return None
+
+
+def processes_with(marker: str) -> list[str]:
+    """Processes whose environment holds `marker` (every child of that make up has it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{entry.name}: {command}")
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_make_up_runs_stops_cleanly_and_keeps_its_state(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    env = make_up_env(state_dir)
+    marker = f"STATE_DIR={state_dir}\0"
+    first = MakeUp(env, tmp_path / "first.log")
+    try:
+        first.wait_ready()
+        secret_file = state_dir / "auth_secret"
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        secret = secret_file.read_text().strip()
+        assert len(secret) >= 32
+        gateway = Gateway(stack=None, base_url=first.base_url, env=env)  # type: ignore[arg-type]
+        alice = token("alice", secret=secret)
+        reply = gateway.call("POST", "/api/alice/tasks", bearer=alice, body={"title": "Survive a restart"})
+        assert reply.status == 200, reply
+        assert gateway.call("GET", "/healthz").status == 200
+        assert gateway.call("GET", "/openapi.json").status == 200
+    finally:
+        exit_code = first.ctrl_c()
+    output = first.output.read_text(errors="replace")
+    assert exit_code in (0, -signal.SIGINT), first.tail()
+    for expected in ("make token USER=alice", "curl", "task_service ", "conversation_service", "envoy ", "\nstopped\n"):
+        assert expected in output, expected
+    assert processes_with(marker) == [], "orphans after Ctrl-C"
+    assert status_of(first.base_url + "/healthz") is None
+
+    second = MakeUp(env, tmp_path / "second.log")
+    try:
+        second.wait_ready()
+        assert (state_dir / "auth_secret").read_text().strip() == secret
+        gateway = Gateway(stack=None, base_url=second.base_url, env=env)  # type: ignore[arg-type]
+        reply = gateway.call("GET", "/api/alice/tasks", bearer=token("alice", secret=secret))
+        assert reply.status == 200, reply
+        assert [task["title"] for task in reply.json()["tasks"]] == ["Survive a restart"]
+    finally:
+        assert second.ctrl_c() in (0, -signal.SIGINT), second.tail()
+    assert processes_with(marker) == []
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_leaves_no_orphans(tmp_path: Path) -> None:
+    """SIGKILL gives up.py no chance to clean up: its children must still go (parent-death signal)."""
+    env = make_up_env(tmp_path / "state")
+    marker = f"STATE_DIR={tmp_path / 'state'}\0"
+    with (tmp_path / "up.log").open("ab") as sink:
+        launcher = subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "python"), "-m", "scripts.up", "--mode", "native"],
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base_url = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while status_of(base_url + "/readyz") != 200:
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            time.sleep(0.5)
+        assert len(processes_with(marker)) >= 4  # the launcher, the services, envoy
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 60
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_with(marker) == []
