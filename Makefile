@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install protos test lint typecheck fmt docs token up bench clean
 
-install: $(STAMP) protos
+GENERATED := build/.generated
+
+install: $(STAMP) $(GENERATED)
 
 # Reinstall when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -16,8 +18,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Stubs (todo/v1), Envoy's descriptor set and the OpenAPI document, all from protos/.
+# Regenerated whenever a proto or a generator changes; `make protos` forces it.
+$(GENERATED): $(STAMP) $(wildcard protos/todo/v1/*.proto) scripts/gen_protos.py gateway/openapi.py
+	$(PY) -m scripts.gen_protos >&2
+	touch $(GENERATED)
+
 protos: $(STAMP)
 	$(PY) -m scripts.gen_protos
+	touch $(GENERATED)
 
 lint: install
 	$(PY) -m ruff check .
@@ -40,7 +48,7 @@ docs: install
 # Prints a token for the local secret: make token USER=bob (alice by default; the
 # shell's own $USER does not count, only one given on the command line)
 USER := alice
-token: install
+token: $(STAMP)
 	@$(PY) -m common.tokens $(USER)
 
 # The whole stack: natively (default without a Docker engine) or with docker compose.
