@@ -1,0 +1,495 @@
+"""One chat turn, stateless: everything it needs is loaded from and stored to the services.
+
+A turn (`Agent.turn`) is an async stream of events — text deltas, tool calls with their
+outcome, then `Done` or `Failed` — that both Chat and ChatStream consume:
+
+1. checks (caller, path user, message, idempotency key) and the conversation (loaded, or
+   created), failing as an ordinary gRPC status before any event;
+2. with an Idempotency-Key: the answer already stored for it is replayed, nothing runs;
+3. otherwise the rest runs as a background task bounded in time (steps x model timeout):
+   store the user's message (first, so it is kept whatever fails next), load the recent
+   history, loop model step → tools (all calls of one step concurrently) until the model
+   answers in text or the step bound is reached, store the assistant's message, `Done`.
+
+The background task finishes even if the client goes away, so a retry with the same key
+finds the stored answer instead of running the tools again. A retry that arrives while the
+first attempt still runs (its user message exists, its answer not yet) waits for that answer;
+if the first attempt failed, or is too old to be running, the retry is ABORTED and asks for a
+new key. Tools of one key never run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from agent_service import history, tools
+from agent_service.llm import ModelClient, ModelToolCall
+from agent_service.prompt import SYSTEM_PROMPT
+from common import validation
+from common.auth import Caller, authorized_user, current_caller
+from common.clients import caller_metadata
+from common.errors import InvalidArgument, ServiceError, Unavailable, status_for
+from common.settings import Settings
+from todo.v1 import agent_pb2, conversation_pb2, conversation_pb2_grpc, task_pb2_grpc
+
+log = logging.getLogger("agent")
+
+RPC_TIMEOUT_SECONDS = 10.0  # one call to conversation_service
+KEY_MAX_LENGTH = 200
+TOOL_NAME_MAX = 255  # what conversation_service stores
+RETRY_POLL_SECONDS = 0.25  # how often a retried turn looks for the first attempt's answer
+RETRY_WAIT_SECONDS = 30.0  # how long it looks at most
+REUSED_KEY = "idempotency_key was already used for a different message"
+UPSTREAM_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    call: conversation_pb2.ToolCall
+
+
+@dataclass(frozen=True)
+class Done:
+    response: agent_pb2.ChatResponse
+
+
+@dataclass(frozen=True)
+class Failed:
+    code: grpc.StatusCode
+    message: str
+
+
+Event = Delta | ToolRun | Done | Failed
+Emit = Callable[[Event], Awaitable[None]]
+
+
+class TurnFailed(ServiceError):
+    """A failed turn answered as a plain gRPC status (Chat)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Aborted(ServiceError):
+    code = grpc.StatusCode.ABORTED
+
+
+@dataclass(frozen=True)
+class Turn:
+    caller: Caller
+    conversation_id: int
+    text: str
+    key: str
+
+    def request_id(self, role: str) -> str:
+        return f"{self.key}:{role}" if self.key else ""
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: Settings,
+        task_stub: task_pb2_grpc.TaskServiceStub,
+        conversation_stub: conversation_pb2_grpc.ConversationServiceStub,
+        model: ModelClient,
+    ) -> None:
+        self._tasks = task_stub
+        self._conversations = conversation_stub
+        self._model = model
+        self._max_steps = max(1, settings.agent_max_steps)
+        self._window = min(max(0, settings.agent_history_window), 99)
+        self._tool_schemas = [tool.openai_schema() for tool in tools.TOOLS.values()]
+        self.turn_seconds = settings.llm_timeout_seconds * self._max_steps
+        self._running: set[asyncio.Task[None]] = set()
+        self._owners: set[int] = set()
+        self._failed_keys = FailedKeys()
+
+    async def turn(self, request: agent_pb2.ChatRequest, header_key: str) -> AsyncGenerator[Event, None]:
+        """The events of one turn; errors before the first event are raised (plain gRPC statuses)."""
+        caller = current_caller()
+        authorized_user(request.user_id)
+        text = validation.message_text(request.message)
+        key = idempotency_key(header_key, request.idempotency_key)
+        turn = Turn(caller, await self._conversation(request, caller, key), text, key)
+        if key:
+            answered = await self._answer(turn)
+            if answered is not None:
+                await self._check_same_message(turn)
+                for event in replay(turn.conversation_id, answered):
+                    yield event
+                return
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        self._start(self._run_bounded(turn, events.put))
+        while True:
+            event = await events.get()
+            yield event
+            if isinstance(event, Done | Failed):
+                return
+
+    async def close(self) -> None:
+        """At shutdown: turns still running (their clients gone) are cancelled."""
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+    def _start(self, work: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self._running.add(task)  # a reference, so the task is not garbage-collected mid-turn
+        task.add_done_callback(self._running.discard)
+
+    async def _conversation(self, request: agent_pb2.ChatRequest, caller: Caller, key: str) -> int:
+        metadata = caller_metadata(caller)
+        with upstream("conversation service"):
+            if request.HasField("conversation_id"):
+                conversation_id = validation.positive_id(request.conversation_id, "conversation_id")
+                # Another user's conversation is NOT_FOUND there, and that answer passes through.
+                await self._conversations.GetConversation(
+                    conversation_pb2.GetConversationRequest(conversation_id=conversation_id),
+                    metadata=metadata,
+                    timeout=RPC_TIMEOUT_SECONDS,
+                )
+                return conversation_id
+            created = await self._conversations.CreateConversation(
+                # Untitled: conversation_service names it after the first user message.
+                conversation_pb2.CreateConversationRequest(request_id=key),
+                metadata=metadata,
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+            return int(created.id)
+
+    async def _answer(self, turn: Turn) -> conversation_pb2.Message | None:
+        """The assistant message stored for this turn's key, if the turn already ran."""
+        request = conversation_pb2.GetMessageByRequestIdRequest(
+            conversation_id=turn.conversation_id, request_id=turn.request_id("assistant")
+        )
+        try:
+            with upstream("conversation service"):
+                return await self._conversations.GetMessageByRequestId(
+                    request, metadata=caller_metadata(turn.caller), timeout=RPC_TIMEOUT_SECONDS
+                )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    async def _check_same_message(self, turn: Turn) -> None:
+        """A key reused for another message is a client bug: refuse it rather than answer the wrong turn."""
+        request = conversation_pb2.GetMessageByRequestIdRequest(
+            conversation_id=turn.conversation_id, request_id=turn.request_id("user")
+        )
+        with upstream("conversation service"):
+            stored = await self._conversations.GetMessageByRequestId(
+                request, metadata=caller_metadata(turn.caller), timeout=RPC_TIMEOUT_SECONDS
+            )
+        if stored.content != turn.text:
+            raise InvalidArgument(REUSED_KEY)
+
+    async def _run_bounded(self, turn: Turn, emit: Emit) -> None:
+        failed: Failed | None = None
+        try:
+            async with asyncio.timeout(self.turn_seconds) as bound:
+                await self._run(turn, emit)
+        except TimeoutError as error:
+            if bound.expired():
+                failed = Failed(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"the turn did not finish within {self.turn_seconds:g} s"
+                )
+            else:
+                failed = failure(error)
+        except Exception as error:
+            failed = failure(error)
+        if failed is not None:
+            if id(turn) in self._owners:
+                self._failed_keys.remember(turn, failed, self.turn_seconds)
+            await emit(failed)
+        self._owners.discard(id(turn))
+
+    async def _run(self, turn: Turn, emit: Emit) -> None:
+        user_message, created = await self._append(turn, "user", turn.text, [])
+        if not created:
+            await self._follow_first_attempt(turn, user_message, emit)
+            return
+        if turn.key:
+            self._owners.add(id(turn))  # this attempt holds the key: a failure of it is remembered
+        started = time.perf_counter()
+        earlier = await self._earlier_messages(turn, user_message.id)
+        messages = history.model_messages(SYSTEM_PROMPT, earlier, turn.text)
+        text, calls = await self._loop(turn, messages, emit)
+        await self._append(turn, "assistant", text, calls)
+        log.info(
+            "chat turn",
+            extra={
+                "conversation_id": turn.conversation_id,
+                "history": len(earlier),
+                "tools": [call.name for call in calls],
+                "tool_errors": sum(call.HasField("error") for call in calls),
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
+        await emit(Done(agent_pb2.ChatResponse(conversation_id=turn.conversation_id, response=text, tool_calls=calls)))
+
+    async def _loop(
+        self, turn: Turn, messages: list[dict[str, Any]], emit: Emit
+    ) -> tuple[str, list[conversation_pb2.ToolCall]]:
+        """Model steps until a text answer (or the step bound); returns the text and the tools run."""
+        speech = Speech(emit)
+        calls: list[conversation_pb2.ToolCall] = []
+        for step in range(1, self._max_steps + 1):
+            speech.next_step()
+            reply = await self._model.step(messages, self._tool_schemas, speech.say)
+            if not reply.tool_calls:
+                break
+            for index, requested in enumerate(reply.tool_calls):
+                requested.id = requested.id or f"call_s{step}_{index}"
+            messages.append(assistant_step(reply.text, reply.tool_calls))
+            for requested, ran in zip(
+                reply.tool_calls, await self._run_tools(turn.caller, reply.tool_calls), strict=True
+            ):
+                messages.append(
+                    {"role": "tool", "tool_call_id": requested.id, "content": json.dumps(history.outcome_of(ran))}
+                )
+                calls.append(ran)
+                await emit(ToolRun(ran))
+        else:
+            await speech.say_apart(stopped_early(self._max_steps, calls))
+        if not speech.text.strip():
+            await speech.say_apart(fallback_answer(calls))
+        # Stored as a message: within its limits, whatever the model produced.
+        return speech.text.replace("\x00", "")[: validation.MESSAGE_MAX], calls
+
+    async def _run_tools(self, caller: Caller, requested: list[ModelToolCall]) -> list[conversation_pb2.ToolCall]:
+        """All tool calls of one step, concurrently; a failing service fails the turn."""
+        outcomes = await asyncio.gather(*(self._run_tool(caller, call) for call in requested), return_exceptions=True)
+        ran: list[conversation_pb2.ToolCall] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            ran.append(outcome)
+        return ran
+
+    async def _run_tool(self, caller: Caller, requested: ModelToolCall) -> conversation_pb2.ToolCall:
+        arguments = recorded_arguments(requested.arguments)
+        # Whatever name the model made up is recorded, within what a stored tool call may hold.
+        name = requested.name.replace("\x00", "").strip()[:TOOL_NAME_MAX] or "(no name)"
+        try:
+            with upstream("task service"):
+                result = await tools.execute(requested.name, requested.arguments, caller, self._tasks)
+        except tools.ToolError as error:
+            log.info("tool error", extra={"tool": name, "error": str(error)})
+            return history.tool_call(name, arguments, error=str(error))
+        return history.tool_call(name, arguments, result=result)
+
+    async def _append(
+        self, turn: Turn, role: str, content: str, calls: list[conversation_pb2.ToolCall]
+    ) -> tuple[conversation_pb2.Message, bool]:
+        request = conversation_pb2.AppendMessageRequest(
+            conversation_id=turn.conversation_id,
+            role=role,
+            content=content,
+            tool_calls=calls,
+            request_id=turn.request_id(role),
+        )
+        with upstream("conversation service"):
+            reply = await self._conversations.AppendMessage(
+                request, metadata=caller_metadata(turn.caller), timeout=RPC_TIMEOUT_SECONDS
+            )
+        return reply.message, reply.created
+
+    async def _earlier_messages(self, turn: Turn, current_id: int) -> list[conversation_pb2.Message]:
+        """The history window: the messages before this turn's own, oldest first."""
+        if self._window == 0:
+            return []
+        request = conversation_pb2.GetRecentMessagesRequest(
+            conversation_id=turn.conversation_id, limit=self._window + 1
+        )
+        with upstream("conversation service"):
+            reply = await self._conversations.GetRecentMessages(
+                request, metadata=caller_metadata(turn.caller), timeout=RPC_TIMEOUT_SECONDS
+            )
+        return [message for message in reply.messages if message.id < current_id][-self._window :]
+
+    async def _follow_first_attempt(self, turn: Turn, user_message: conversation_pb2.Message, emit: Emit) -> None:
+        """A retry whose first attempt stored the user's message: wait for that attempt's answer, never rerun."""
+        if user_message.content != turn.text:
+            raise InvalidArgument(REUSED_KEY)
+        received = user_message.created_at.ToDatetime(tzinfo=UTC)
+        first_attempt_left = self.turn_seconds - (datetime.now(UTC) - received).total_seconds()
+        if first_attempt_left <= 0:
+            raise Aborted(
+                "a request with this Idempotency-Key was received earlier and did not finish; "
+                "send the message again with a new key"
+            )
+        give_up = time.monotonic() + min(first_attempt_left + 1, RETRY_WAIT_SECONDS)
+        while time.monotonic() < give_up:
+            first_failure = self._failed_keys.get(turn)
+            if first_failure is not None:
+                raise Aborted(
+                    f"the first request with this Idempotency-Key failed ({first_failure.message}); "
+                    "send the message again with a new key"
+                )
+            answered = await self._answer(turn)
+            if answered is not None:
+                for event in replay(turn.conversation_id, answered):
+                    await emit(event)
+                return
+            await asyncio.sleep(RETRY_POLL_SECONDS)
+        raise Aborted("a request with this Idempotency-Key is still in progress")
+
+
+class FailedKeys:
+    """Keyed turns that failed in this process, so a retry learns it at once instead of waiting.
+
+    In process only: a retry reaching another replica waits for the answer, then gets ABORTED.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, int, str], tuple[float, Failed]] = {}
+
+    def remember(self, turn: Turn, failed: Failed, seconds: float) -> None:
+        now = time.monotonic()
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries = {key: entry for key, entry in self._entries.items() if entry[0] > now}
+            while len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.pop(next(iter(self._entries)))
+        self._entries[self._key(turn)] = (now + seconds, failed)
+
+    def get(self, turn: Turn) -> Failed | None:
+        entry = self._entries.get(self._key(turn))
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    @staticmethod
+    def _key(turn: Turn) -> tuple[str, int, str]:
+        return (turn.caller.user_id, turn.conversation_id, turn.key)
+
+
+class Speech:
+    """The assistant's text of a turn, streamed as deltas; steps' texts are set apart by a blank line."""
+
+    def __init__(self, emit: Emit) -> None:
+        self.text = ""
+        self._emit = emit
+        self._new_step = False
+
+    def next_step(self) -> None:
+        self._new_step = True
+
+    async def say(self, piece: str) -> None:
+        if self._new_step and self.text.strip():
+            piece = "\n\n" + piece
+        self._new_step = False
+        self.text += piece
+        await self._emit(Delta(piece))
+
+    async def say_apart(self, text: str) -> None:
+        self._new_step = True
+        await self.say(text)
+
+
+@contextmanager
+def upstream(service: str) -> Iterator[None]:
+    """Our own service being down is UNAVAILABLE with a plain message; its other answers pass through."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        if error.code() in UPSTREAM_DOWN:
+            log.warning("%s unavailable: %s", service, error.details())
+            raise Unavailable(f"the {service} is unavailable; try again") from error
+        raise
+
+
+def failure(error: BaseException) -> Failed:
+    mapped = status_for(error)
+    if mapped is None:
+        log.error("chat turn failed", exc_info=error)
+        return Failed(grpc.StatusCode.INTERNAL, "internal error")
+    return Failed(*mapped)
+
+
+def idempotency_key(header: str, field: str) -> str:
+    if header and field and header != field:
+        raise InvalidArgument("idempotency_key differs from the Idempotency-Key header")
+    key = (header or field).strip()
+    if len(key) > KEY_MAX_LENGTH or not key.isprintable():
+        raise InvalidArgument(f"idempotency_key must be at most {KEY_MAX_LENGTH} printable characters")
+    return key
+
+
+def replay(conversation_id: int, answered: conversation_pb2.Message) -> list[Event]:
+    """A stored answer as the events of a turn (tools are not run again)."""
+    response = agent_pb2.ChatResponse(
+        conversation_id=conversation_id, response=answered.content, tool_calls=answered.tool_calls
+    )
+    return [*(ToolRun(call) for call in answered.tool_calls), Delta(answered.content), Done(response)]
+
+
+def recorded_arguments(raw: str) -> dict[str, Any]:
+    """The arguments as recorded on the ToolCall: the model's JSON object, or {} when it sent none."""
+    try:
+        parsed = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def assistant_step(text: str, calls: list[ModelToolCall]) -> dict[str, Any]:
+    """The model's own tool-calling message, sent back to it with the results."""
+    return {
+        "role": "assistant",
+        "content": text or None,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                # Invalid JSON is not echoed back: some endpoints reject a request containing it.
+                "function": {"name": call.name, "arguments": json.dumps(recorded_arguments(call.arguments))},
+            }
+            for call in calls
+        ],
+    }
+
+
+def describe(call: conversation_pb2.ToolCall) -> str:
+    """One tool call in words, for the answers the agent writes itself."""
+    if call.HasField("error"):
+        return f"{call.name} failed ({call.error})"
+    outcome = history.outcome_of(call)
+    if isinstance(outcome, list):
+        return f"listed {len(outcome)} task(s)"
+    if isinstance(outcome, dict) and {"status", "task_id", "title"} <= set(outcome):
+        return f"{outcome['status']} task {outcome['task_id']}: {outcome['title']}"
+    return f"ran {call.name}"
+
+
+def stopped_early(max_steps: int, calls: list[conversation_pb2.ToolCall]) -> str:
+    done = "; ".join(describe(call) for call in calls)
+    return (
+        f"Sorry, I couldn't finish this request within {max_steps} steps, so I stopped here. "
+        f"What I did: {done}. Please tell me what is still missing."
+    )
+
+
+def fallback_answer(calls: list[conversation_pb2.ToolCall]) -> str:
+    """When the model ends a turn without any text."""
+    if calls:
+        return "Done: " + "; ".join(describe(call) for call in calls) + "."
+    return "I can add, list, complete, update and delete your tasks. What would you like to do?"
