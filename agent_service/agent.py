@@ -6,7 +6,8 @@ outcome, then `Done` or `Failed` — that both Chat and ChatStream consume:
 1. checks (caller, path user, message, idempotency key) and the conversation (loaded, or
    created), failing as an ordinary gRPC status before any event;
 2. with an Idempotency-Key: the answer already stored for it is replayed, nothing runs;
-3. otherwise the rest runs as a background task bounded in time (steps x model timeout):
+3. otherwise the rest runs as a background task bounded in time (steps x model timeout, at most
+   AGENT_TURN_TIMEOUT_SECONDS):
    store the user's message (first, so it is kept whatever fails next), load the recent
    history, loop model step → tools (all calls of one step concurrently) until the model
    answers in text or the step bound is reached, store the assistant's message, `Done`.
@@ -115,7 +116,8 @@ class Agent:
         self._max_steps = max(1, settings.agent_max_steps)
         self._window = min(max(0, settings.agent_history_window), 99)
         self._tool_schemas = [tool.openai_schema() for tool in tools.TOOLS.values()]
-        self.turn_seconds = settings.llm_timeout_seconds * self._max_steps
+        # A turn ends well before the gateway gives up on it, so the client gets our answer.
+        self.turn_seconds = min(settings.llm_timeout_seconds * self._max_steps, settings.agent_turn_timeout_seconds)
         self._running: set[asyncio.Task[None]] = set()
         self._owners: set[int] = set()
         self._failed_keys = FailedKeys()

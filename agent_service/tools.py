@@ -31,7 +31,9 @@ TASK_TOOL_ERRORS = {
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-LIST_LIMIT = 500  # list_tasks returns at most this many tasks (5 pages of 100)
+# list_tasks returns at most this many tasks (2 pages of 100): enough for a chat, and small
+# enough (under 1 MB even with 4,000-character descriptions) to store and send to a model.
+LIST_LIMIT = 200
 
 
 class ToolError(Exception):

@@ -13,6 +13,8 @@ CHANNEL_OPTIONS = [
     # 120 s, so after a few seconds of outage calls kept failing fast long after it was back.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Replies such as a conversation's recent history can exceed gRPC's 4 MiB default.
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
 ]
 
 

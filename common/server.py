@@ -30,7 +30,9 @@ log = logging.getLogger("server")
 # Work before the `yield` runs at start (migrations, pools); after it, at shutdown.
 Lifespan = Callable[[grpc.aio.Server, Settings], AbstractAsyncContextManager[None]]
 
-MAX_MESSAGE_BYTES = 1 * 1024 * 1024  # no request of ours is near this; bigger ones are refused
+# Public requests are capped at 1 MiB by the gateway; internal ones can be larger (an assistant
+# message storing several list_tasks results), so the services accept up to this.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 def build_server(settings: Settings) -> grpc.aio.Server:

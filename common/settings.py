@@ -73,6 +73,11 @@ class Settings:
     llm_timeout_seconds: float = setting("LLM_TIMEOUT_SECONDS", 60.0, "Timeout of one model request.")
     llm_max_retries: int = setting("LLM_MAX_RETRIES", 2, "Retries (with backoff) on 429, 5xx and timeouts.")
     agent_max_steps: int = setting("AGENT_MAX_STEPS", 8, "Model steps per chat turn before a polite stop.")
+    agent_turn_timeout_seconds: float = setting(
+        "AGENT_TURN_TIMEOUT_SECONDS",
+        100.0,
+        "Bound on a whole chat turn (all model steps and tools); the gateway's chat route allows 20 s more.",
+    )
     agent_history_window: int = setting("AGENT_HISTORY_WINDOW", 20, "Earlier messages sent to the model each turn.")
     agent_http_host: str = setting("AGENT_HTTP_HOST", "127.0.0.1", "Interface of the agent's HTTP server (MCP).")
     agent_http_port: int = setting("AGENT_HTTP_PORT", 8001, "Port of the agent's HTTP server (MCP at /mcp).")

@@ -77,7 +77,7 @@ end
 MAX_CONNECTIONS = 10000  # downstream; beyond it Envoy refuses new connections instead of exhausting fds
 MAX_DIRECT_RESPONSE_BYTES = 4 * 1024 * 1024  # /openapi.json
 DEFAULT_TIMEOUT = "15s"
-CHAT_TIMEOUT = "120s"
+CHAT_TIMEOUT_MARGIN_SECONDS = 20  # beyond AGENT_TURN_TIMEOUT_SECONDS: the agent answers first, with its own error
 STREAM_IDLE_TIMEOUT = "300s"
 HEALTH_CHECK_INTERVAL = "1s"
 
@@ -163,7 +163,7 @@ def _json_response(status: int, body: dict[str, Any]) -> dict[str, Any]:
     return {"status": status, "body": {"inline_string": json.dumps(body)}}
 
 
-def _routes(openapi_path: str) -> list[dict[str, Any]]:
+def _routes(openapi_path: str, chat_timeout: str) -> list[dict[str, Any]]:
     task, conversation, agent = (GRPC_UPSTREAMS[name][0] for name in ("task", "conversation", "agent"))
     json_header = [
         {
@@ -192,7 +192,7 @@ def _routes(openapi_path: str) -> list[dict[str, Any]]:
             "match": {"path": f"/{agent}/ChatStream"},
             "route": {"cluster": agent, "timeout": "0s", "idle_timeout": STREAM_IDLE_TIMEOUT},
         },
-        {"name": "agent", "match": {"prefix": f"/{agent}/"}, "route": {"cluster": agent, "timeout": CHAT_TIMEOUT}},
+        {"name": "agent", "match": {"prefix": f"/{agent}/"}, "route": {"cluster": agent, "timeout": chat_timeout}},
         {"name": "task", "match": {"prefix": f"/{task}/"}, "route": {"cluster": task, "timeout": DEFAULT_TIMEOUT}},
         {
             "name": "conversation",
@@ -218,6 +218,10 @@ def _routes(openapi_path: str) -> list[dict[str, Any]]:
         # (the CORS filter answers them), so its cluster has no endpoints: 503 for any gRPC call.
         {"name": "unrouted", "match": {"prefix": "/"}, "route": {"cluster": UNROUTED_CLUSTER}},
     ]
+
+
+def _chat_timeout(settings: Settings) -> str:
+    return f"{int(settings.agent_turn_timeout_seconds) + CHAT_TIMEOUT_MARGIN_SECONDS}s"
 
 
 def _cors_policy(settings: Settings) -> dict[str, Any]:
@@ -373,7 +377,7 @@ def render(
                 {
                     "name": "api",
                     "domains": ["*"],
-                    "routes": _routes(openapi_path),
+                    "routes": _routes(openapi_path, _chat_timeout(settings)),
                     "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(settings)},
                 }
             ],
