@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install protos test lint typecheck fmt docs token up bench clean
+.PHONY: install protos test lint typecheck fmt docs token up eval bench clean
 
 GENERATED := build/.generated
 
@@ -56,8 +56,20 @@ MODE ?=
 up: install
 	$(PY) -m scripts.up $(if $(MODE),--mode $(MODE),)
 
+# The built-in model's evaluation set through real services (the same run `make test` scores via REST).
+eval: install
+	$(PY) -m tests.eval.run_eval --local
+
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) todo build .pytest_cache .mypy_cache .ruff_cache
+
+# The long runs of the fuzz and soak suites (CI runs the short ones as part of `make test`).
+.PHONY: fuzz-full soak-full
+fuzz-full: install
+	FUZZ_MAX_EXAMPLES=150 FUZZ_CHAT_EXAMPLES=20 $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider
+
+soak-full: install
+	SOAK_SECONDS=1800 $(PY) -m pytest tests/test_soak.py -s -p no:cacheprovider

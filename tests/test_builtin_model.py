@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -17,6 +16,7 @@ from agent_service import tools
 from agent_service.builtin_model import create_app, respond
 from tests.eval import run_eval
 from tests.eval.driver import builtin_client
+from tests.gateway_fixtures import start_gateway
 from tests.support import SECRET, ServiceProcess, free_port
 
 TOOL_SCHEMAS = [tool.openai_schema() for tool in tools.TOOLS.values()]
@@ -362,13 +362,14 @@ def test_eval_cases_are_many_and_varied() -> None:
 
 
 @pytest.mark.slow
-def test_eval_score(log_dir: Path) -> None:
-    """Every labelled case through task_service + conversation_service + agent_service (AgentService.Chat)."""
+def test_eval_score(tmp_path_factory: pytest.TempPathFactory, database_url_factory: Any) -> None:
+    """Every labelled case through the public REST API: Envoy -> agent_service -> task and
+    conversation services, scored by the resulting task state."""
     cases = run_eval.load_cases()
-    with run_eval.local_stack(log_dir, SECRET) as (task_address, agent_address):
+    with start_gateway(tmp_path_factory, database_url_factory, "sqlite") as gateway:
 
         async def run() -> list[run_eval.Outcome]:
-            backend = run_eval.GrpcBackend(task_address, agent_address, SECRET)
+            backend = run_eval.RestBackend(gateway.base_url, SECRET)
             try:
                 return await run_eval.run_all(backend, cases)
             finally:
