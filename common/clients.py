@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 
 from common.auth import Caller
 
+# A call that finds the service unreachable (restarting, or the channel still in reconnect
+# backoff) is retried for about two seconds before UNAVAILABLE reaches the caller. Only
+# UNAVAILABLE is retried: the request did not get a result, so repeating it is safe.
+RETRY_SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
     # Reconnect to a restarted service within about a second. gRPC's default backoff grows to
     # 120 s, so after a few seconds of outage calls kept failing fast long after it was back.
     ("grpc.initial_reconnect_backoff_ms", 100),
