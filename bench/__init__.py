@@ -1,0 +1,1 @@
+"""Benchmarks of the whole stack: `python -m bench [--quick]` (see bench/NOTES.md)."""

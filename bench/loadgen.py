@@ -1,0 +1,325 @@
+"""The load generator: a separate process driving the REST gateway over raw HTTP/1.1 keep-alive.
+
+Reads one JSON job on stdin, prints one JSON result on stdout. Each virtual client is its own
+user (own token, own tasks, own conversation) on its own keep-alive connection, so clients do
+not contend on one user's counter row; all connections are opened before the clock starts.
+
+It watches itself: its CPU time over wall time and its event loop's lag (a 10 ms ticker).
+When either is high, the latencies it measured include its own queueing, and the result says so
+(`self_bottleneck`).
+
+Job fields: base_url, secret, scenario (see SCENARIOS), concurrency, duration (s) and/or
+requests_per_client, user_prefix, timeout (s per request), ramp_seconds (start the clients
+spread over this long instead of all at once), max_latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from common.tokens import mint
+
+LIST_SIZE = 50  # tasks every user has before get/list/update/complete phases
+CHAT_LIST_SIZE = 20  # tasks every user has before list turns (the model then sees 20 tasks)
+
+
+class HttpError(Exception):
+    pass
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; reconnects after the server closes it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 22)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def request(self, method: str, path: str, headers: bytes, body: bytes | None = None) -> Response:
+        if self.writer is None:
+            await self.open()
+        assert self.reader is not None and self.writer is not None
+        head = f"{method} {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n".encode() + headers
+        if body is not None:
+            head += b"content-type: application/json\r\ncontent-length: " + str(len(body)).encode() + b"\r\n"
+        self.writer.write(head + b"\r\n" + (body or b""))
+        try:
+            return await self._read_response()
+        except BaseException:
+            self.close()  # a half-read response poisons the connection
+            raise
+
+    async def _read_response(self) -> Response:
+        assert self.reader is not None
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as error:
+            raise HttpError("connection closed by server") from error
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length, chunked, close = -1, False, False
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding":
+                chunked = "chunked" in value.lower()
+            elif name == "connection":
+                close = "close" in value.lower()
+        if chunked:
+            body = await self._read_chunked()
+        elif length >= 0:
+            body = await self.reader.readexactly(length)
+        else:
+            body = await self.reader.read()
+            close = True
+        if close:
+            self.close()
+        return Response(status, body)
+
+    async def _read_chunked(self) -> bytes:
+        assert self.reader is not None
+        parts: list[bytes] = []
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+            if size == 0:
+                await self.reader.readuntil(b"\r\n")
+                return b"".join(parts)
+            parts.append(await self.reader.readexactly(size))
+            await self.reader.readexactly(2)
+
+
+@dataclass
+class Client:
+    """One virtual user: its connection, its auth header and whatever state its scenario keeps."""
+
+    index: int
+    user: str
+    connection: Connection
+    auth: bytes
+    sent: int = 0
+    conversation_id: int | None = None
+    rng: random.Random = field(default_factory=random.Random)
+
+    async def call(self, method: str, path: str, payload: Any = None) -> Response:
+        body = None if payload is None else json.dumps(payload).encode()
+        return await self.connection.request(method, f"/api/{self.user}{path}", self.auth, body)
+
+
+def _expect(response: Response, status: int = 200) -> Response:
+    if response.status != status:
+        raise HttpError(f"HTTP {response.status}: {response.body[:200]!r}")
+    return response
+
+
+async def chat_turn(client: Client, message: str, tool: str) -> None:
+    payload: dict[str, Any] = {"message": message}
+    if client.conversation_id is not None:
+        payload["conversation_id"] = client.conversation_id
+    reply = _expect(await client.call("POST", "/chat", payload)).json()
+    client.conversation_id = reply["conversation_id"]
+    calls = reply.get("tool_calls") or []
+    # A turn only counts when the tool really ran: an error inside a 200 is still an error.
+    if not calls or calls[0].get("name") != tool or "error" in calls[0]:
+        raise HttpError(f"unexpected tool calls: {calls!r:.200}")
+
+
+async def chat_add(client: Client) -> None:
+    await chat_turn(client, f"Add a task to buy milk number {client.sent}", "add_task")
+
+
+async def chat_list(client: Client) -> None:
+    await chat_turn(client, "Show me all my tasks", "list_tasks")
+
+
+async def task_create(client: Client) -> None:
+    _expect(await client.call("POST", "/tasks", {"title": f"Buy milk {client.sent}"}))
+
+
+async def task_get(client: Client) -> None:
+    _expect(await client.call("GET", f"/tasks/{client.rng.randint(1, LIST_SIZE)}"))
+
+
+async def task_list(client: Client) -> None:
+    reply = _expect(await client.call("GET", f"/tasks?page_size={LIST_SIZE}")).json()
+    if len(reply["tasks"]) != LIST_SIZE:
+        raise HttpError(f"listed {len(reply['tasks'])} tasks, expected {LIST_SIZE}")
+
+
+async def task_update(client: Client) -> None:
+    task_id = client.sent % LIST_SIZE + 1
+    _expect(await client.call("PATCH", f"/tasks/{task_id}", {"title": f"Buy oat milk {client.sent}"}))
+
+
+async def task_complete(client: Client) -> None:
+    # Walk the ids, flipping each on one pass and back on the next: every call is a real write.
+    task_id = client.sent % LIST_SIZE + 1
+    completed = (client.sent // LIST_SIZE) % 2 == 0
+    _expect(await client.call("PATCH", f"/tasks/{task_id}/complete", {"completed": completed}))
+
+
+async def seed_tasks(client: Client, count: int = LIST_SIZE) -> None:
+    """Top the user up to `count` tasks (one request per missing task)."""
+    have = len(_expect(await client.call("GET", f"/tasks?page_size={count}")).json()["tasks"])
+    for number in range(have, count):
+        _expect(await client.call("POST", "/tasks", {"title": f"Seeded task {number}"}))
+
+
+SCENARIOS: dict[str, Callable[[Client], Awaitable[None]]] = {
+    "chat_add": chat_add,
+    "chat_list": chat_list,
+    "task_create": task_create,
+    "task_get": task_get,
+    "task_list": task_list,
+    "task_update": task_update,
+    "task_complete": task_complete,
+    "seed_tasks": seed_tasks,
+    "seed_chat_tasks": lambda client: seed_tasks(client, CHAT_LIST_SIZE),
+}
+
+
+class LagMonitor:
+    """How late a 10 ms ticker wakes up: the event loop's own queueing delay."""
+
+    def __init__(self) -> None:
+        self.lags_ms: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.01)
+            self.lags_ms.append((time.perf_counter() - before - 0.01) * 1000)
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+
+@dataclass
+class Tally:
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+
+    def error(self, text: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(text[:300])
+
+
+async def drive(client: Client, step: Callable[[Client], Awaitable[None]], job: dict[str, Any], tally: Tally) -> None:
+    deadline = time.perf_counter() + job["duration"] if job.get("duration") else None
+    limit = job.get("requests_per_client")
+    timeout = float(job.get("timeout", 120))
+    ramp = float(job.get("ramp_seconds", 0))
+    if ramp:  # spread the clients' first requests evenly over the ramp instead of a burst
+        await asyncio.sleep(ramp * client.index / job["concurrency"])
+    while (limit is None or client.sent < limit) and (deadline is None or time.perf_counter() < deadline):
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(step(client), timeout)
+            tally.latencies_ms.append((time.perf_counter() - started) * 1000)
+        except TimeoutError:
+            tally.error(f"timeout after {timeout}s")
+            client.connection.close()
+        except (OSError, HttpError, asyncio.IncompleteReadError, ValueError, KeyError) as error:
+            tally.error(f"{type(error).__name__}: {error}")
+        client.sent += 1
+
+
+async def open_clients(job: dict[str, Any]) -> list[Client]:
+    url = urlsplit(job["base_url"])
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    clients = []
+    for index in range(job["concurrency"]):
+        user = f"{job['user_prefix']}-{index}"
+        auth = f"authorization: Bearer {mint(job['secret'], user, 4 * 3600)}\r\n".encode()
+        clients.append(Client(index, user, Connection(host, port), auth, rng=random.Random(index)))
+    # Connect everyone before the clock starts, a few hundred at a time (listen backlogs).
+    gate = asyncio.Semaphore(200)
+
+    async def connect(client: Client) -> None:
+        async with gate:
+            await client.connection.open()
+
+    await asyncio.gather(*(connect(client) for client in clients))
+    return clients
+
+
+async def run(job: dict[str, Any]) -> dict[str, Any]:
+    step = SCENARIOS[job["scenario"]]
+    clients = await open_clients(job)
+    tally, lag = Tally(), LagMonitor()
+    lag.start()
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(drive(client, step, job, tally) for client in clients))
+    wall = time.perf_counter() - wall_before
+    cpu = time.process_time() - cpu_before
+    lag.stop()
+    for client in clients:
+        client.connection.close()
+    return summarize(job, tally, lag.lags_ms, wall, cpu)
+
+
+def summarize(job: dict[str, Any], tally: Tally, lags_ms: list[float], wall: float, cpu: float) -> dict[str, Any]:
+    lags = sorted(lags_ms) or [0.0]
+    cpu_fraction = cpu / wall if wall else 0.0
+    lag_p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+    latencies = tally.latencies_ms
+    limit = int(job.get("max_latencies", 200_000))
+    if len(latencies) > limit:  # keep the distribution, drop the bulk
+        latencies = random.Random(0).sample(latencies, limit)
+    return {
+        "scenario": job["scenario"],
+        "concurrency": job["concurrency"],
+        "ok": len(tally.latencies_ms),
+        "errors": tally.errors,
+        "error_samples": tally.error_samples,
+        "wall_s": wall,
+        "latencies_ms": latencies,
+        "loadgen_cpu_fraction": cpu_fraction,
+        "loadgen_loop_lag_p99_ms": lag_p99,
+        "loadgen_loop_lag_max_ms": lags[-1],
+        # Near a full core, or a loop that wakes >20 ms late, means we measured ourselves too.
+        "self_bottleneck": cpu_fraction > 0.9 or lag_p99 > 20,
+    }
+
+
+def main() -> None:
+    job = json.loads(sys.stdin.read())
+    result = asyncio.run(run(job))
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""The benchmark run: every phase, in order, against real processes; then the report.
+
+Phases (each a fresh load-generator process, clients = users, keep-alive connections):
+1. PostgreSQL stack: task REST (create, get, list 50, update, complete) at each client count,
+   then pgbench's ceiling for the same create transaction on the same database;
+   chat turns (add-task, list) against the zero-latency model, sequentially and concurrently;
+   many concurrent chat sessions against a 1 s-per-step model.
+2. SQLite stack: task REST again.
+RSS and sockets of every process are sampled throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bench import ceiling, hops, profile_summary, report
+from bench.harness import ModelServer, StackHandle, open_stack, run_loadgen, scratch_dir
+from bench.procs import BENCH_PROCESSES, Peaks, Sampler, cpu_by_name, descendants, process_name
+
+TASK_OPS = ["task_create", "task_get", "task_list", "task_update", "task_complete"]
+MODEL_STEPS_PER_TURN = 2  # tool call, then text
+
+
+@dataclass(frozen=True)
+class Sizes:
+    task_clients: tuple[int, ...]
+    task_seconds: float
+    chat_sequential_turns: int
+    chat_clients: tuple[int, ...]
+    chat_seconds: float
+    sessions: tuple[int, ...]
+    session_model_seconds: float
+    profile_seconds: float
+
+
+QUICK = Sizes((1, 4), 0.4, 10, (4,), 1.0, (20,), 1.0, 0)
+FULL = Sizes((1, 16, 64), 5.0, 200, (16, 64), 8.0, (1000, 5000), 1.0, 10)
+
+
+@dataclass
+class Results:
+    sizes: Sizes
+    quick: bool
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    ceilings: list[dict[str, Any]] = field(default_factory=list)
+    chat: list[dict[str, Any]] = field(default_factory=list)
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+    peaks: Peaks = field(default_factory=Peaks)
+    stacks: list[str] = field(default_factory=list)
+    profiles: list[str] = field(default_factory=list)
+    hops: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+    ramp_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def job(stack: StackHandle, scenario: str, clients: int, prefix: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "base_url": stack.gateway_url,
+        "secret": stack.secret,
+        "scenario": scenario,
+        "concurrency": clients,
+        "user_prefix": prefix,
+        **extra,
+    }
+
+
+def measure(results: Results, spec: dict[str, Any]) -> dict[str, Any]:
+    """One load-generator run while every process is sampled."""
+    cpu_before = cpu_by_name()
+    with Sampler() as sampler:
+        result = run_loadgen(spec)
+    cpu_after = cpu_by_name()
+    results.peaks.merge(sampler.peaks)
+    # CPU each process spent per completed request: robust to a busy machine, unlike latency.
+    done = max(1, result["ok"])
+    result["cpu_ms_per_request"] = {
+        name: (cpu_after[name] - cpu_before.get(name, 0.0)) * 1000 / done
+        for name in cpu_after
+        if name not in BENCH_PROCESSES
+    }
+    result["peaks"] = sampler.peaks
+    latencies = result.pop("latencies_ms")
+    result["count"] = len(latencies)
+    result["rate"] = len(latencies) / result["wall_s"] if result["wall_s"] else 0.0
+    for name, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)):
+        result[name] = report.percentile(latencies, fraction)
+    result["_latencies"] = latencies
+    if result["errors"]:
+        log(
+            f"  {spec['scenario']} x{spec['concurrency']}: {result['errors']} errors, e.g. {result['error_samples'][:1]}"
+        )
+    return result
+
+
+def task_phases(results: Results, stack: StackHandle, backend: str) -> None:
+    sizes = results.sizes
+    for clients in sizes.task_clients:
+        prefix = f"{backend}-tasks-c{clients}"
+        # Creates first: afterwards every client's user is topped up to the 50 tasks list/get use.
+        for scenario in TASK_OPS:
+            if scenario == "task_get":
+                run_loadgen(job(stack, "seed_tasks", clients, prefix, requests_per_client=1))
+            log(f"{backend}: {scenario} with {clients} clients")
+            result = measure(results, job(stack, scenario, clients, prefix, duration=sizes.task_seconds))
+            result.update(backend=backend, op=scenario.removeprefix("task_"), clients=clients)
+            results.tasks.append(result)
+
+
+def ceiling_phases(results: Results, stack: StackHandle) -> None:
+    for clients in results.sizes.task_clients:
+        log(f"pgbench ceiling with {clients} clients")
+        measured = ceiling.create_ceiling(stack.task_database_url, clients, max(1.0, results.sizes.task_seconds))
+        ours = next(
+            r for r in results.tasks if r["backend"] == "postgres" and r["op"] == "create" and r["clients"] == clients
+        )
+        tps = float(measured.get("tps", 0.0))
+        results.ceilings.append(
+            {
+                "clients": clients,
+                "ours": ours["rate"],
+                "tps": tps,
+                "ratio": ours["rate"] / tps if tps else 0.0,
+                "error": measured.get("error", ""),
+                "note": measured.get("note", ""),
+                "latency_avg_ms": measured.get("latency_avg_ms", 0.0),
+            }
+        )
+
+
+def hops_phase(results: Results, stack: StackHandle, model: ModelServer) -> None:
+    log("single hops, sequentially")
+    calls = 30 if results.quick else 300
+    coroutine = hops.measure_hops(
+        stack.task_addr, stack.conversation_addr, stack.gateway_url, model.url, stack.secret, calls
+    )
+    results.hops = asyncio.run(coroutine)
+
+
+def chat_phases(results: Results, stack: StackHandle, model: ModelServer) -> None:
+    sizes = results.sizes
+    model.set_delay(0.0)
+    warm = job(stack, "chat_add", 2, "pg-chat-warm", requests_per_client=5)
+    run_loadgen(warm)  # first turns pay for connection setup and lazy imports
+    for scenario in ("chat_add", "chat_list"):
+        runs: list[tuple[int, dict[str, float]]] = [(1, {"requests_per_client": sizes.chat_sequential_turns})]
+        runs += [(clients, {"duration": sizes.chat_seconds}) for clients in sizes.chat_clients]
+        for clients, bound in runs:
+            prefix = f"pg-{scenario}-c{clients}"
+            if scenario == "chat_list":  # something to list: 20 tasks per user
+                run_loadgen(job(stack, "seed_chat_tasks", clients, prefix, requests_per_client=1))
+            log(f"chat: {scenario} with {clients} users")
+            result = measure(results, job(stack, scenario, clients, prefix, **bound))
+            result.update(turn=scenario.removeprefix("chat_"), clients=clients)
+            results.chat.append(result)
+
+
+def session_phases(results: Results, stack: StackHandle, model: ModelServer) -> None:
+    sizes = results.sizes
+    model.set_delay(sizes.session_model_seconds)
+    model_time_ms = MODEL_STEPS_PER_TURN * sizes.session_model_seconds * 1000
+    try:
+        for sessions in sizes.sessions:
+            log(f"sessions: {sessions} concurrent add-task turns, model {sizes.session_model_seconds}s/step")
+            spec = job(
+                stack,
+                "chat_add",
+                sessions,
+                f"pg-sessions-{sessions}",
+                requests_per_client=1,
+                timeout=150,  # past Envoy's 120 s chat route timeout: the stack's own limits decide
+                ramp_seconds=results.ramp_seconds,
+            )
+            result = measure(results, spec)
+            overheads = [latency - model_time_ms for latency in result.pop("_latencies")]
+            result.update(
+                sessions=sessions,
+                model_time_ms=model_time_ms,
+                overhead_p50=report.percentile(overheads, 0.5),
+                overhead_p99=report.percentile(overheads, 0.99),
+                overhead_max=max(overheads, default=0.0),
+            )
+            results.sessions.append(result)
+    finally:
+        model.set_delay(0.0)
+
+
+def profile_phase(results: Results, stack: StackHandle, out_dir: Path, summary_path: Path) -> None:
+    """py-spy on every Python service of the stack while 16 users chat (not a measured phase)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        results.notes.append("profile skipped: py-spy not installed")
+        return
+    targets = {
+        name: pid
+        for pid in descendants()
+        if (name := process_name(pid)) and name not in BENCH_PROCESSES and name != "envoy"
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds = results.sizes.profile_seconds or 5
+    spies = []
+    for name, pid in targets.items():
+        output = out_dir / f"{name}.txt"
+        command = [
+            py_spy,
+            "record",
+            "-p",
+            str(pid),
+            "-d",
+            str(int(seconds)),
+            "-r",
+            "200",
+            "-f",
+            "raw",
+            "--gil",  # only samples holding the GIL: Python CPU, not threads parked in a queue
+            "--full-filenames",
+            "--nonblocking",  # do not pause the service while sampling
+            "-o",
+            str(output),
+        ]
+        spies.append((name, output, subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    log(f"profiling {', '.join(targets)} for {seconds}s under 16 chatting users")
+    run_loadgen(job(stack, "chat_add", 16, "pg-profile", duration=seconds + 1))
+    summaries = []
+    for _name, output, spy in spies:
+        spy.wait(60)
+        if output.exists():
+            summaries.append(profile_summary.summarize(output))
+    summary_path.write_text("# py-spy summaries (16 users, add-task turns)\n\n" + "\n\n".join(summaries) + "\n")
+    results.profiles.append(f"py-spy summary: {summary_path} (raw profiles: {out_dir})")
+
+
+PHASES = ("tasks", "ceiling", "hops", "chat", "sessions", "sqlite")
+
+
+@dataclass(frozen=True)
+class Options:
+    quick: bool
+    out: Path
+    command: str
+    profile: bool = False
+    phases: tuple[str, ...] = PHASES
+    sessions: tuple[int, ...] = ()  # overrides the sizes' session counts
+    ramp_seconds: float = 0.0  # sessions start spread over this long (0: all at once)
+
+
+def run(options: Options) -> str:
+    started = time.monotonic()
+    sizes = QUICK if options.quick else FULL
+    if options.sessions:
+        sizes = replace(sizes, sessions=options.sessions)
+    results = Results(sizes, options.quick, ramp_seconds=options.ramp_seconds)
+    wanted = set(options.phases)
+    machine = report.machine()
+    busy = report.machine_was_busy()
+    workdir = scratch_dir()
+    model = ModelServer(workdir).start()
+    try:
+        with open_stack("postgres", model.url, workdir / "postgres") as stack:
+            results.stacks.append(f"postgres: {stack.kind}")
+            if "tasks" in wanted:
+                task_phases(results, stack, "postgres")
+                if "ceiling" in wanted:
+                    ceiling_phases(results, stack)
+            if "hops" in wanted:
+                hops_phase(results, stack, model)
+            if not stack.has_chat:
+                results.notes.append("chat phases skipped: agent_service is not in this tree yet")
+            elif "chat" in wanted:
+                chat_phases(results, stack, model)
+            if stack.has_chat and "sessions" in wanted:
+                session_phases(results, stack, model)
+            if stack.has_chat and options.profile:
+                profile_phase(results, stack, workdir / "profiles", options.out.parent / "PROFILE.md")
+        if "sqlite" in wanted:
+            with open_stack("sqlite", model.url, workdir / "sqlite") as stack:
+                results.stacks.append(f"sqlite: {stack.kind}")
+                task_phases(results, stack, "sqlite")
+    finally:
+        model.stop()
+    from bench.markdown import render
+
+    elapsed = time.monotonic() - started
+    text = render(results, machine, busy, options.command, dt.datetime.now(dt.UTC), elapsed, workdir)
+    options.out.write_text(text)
+    return text
