@@ -76,8 +76,18 @@ def _has_control(text: str) -> bool:
     return any(ord(char) < 32 or ord(char) == 127 for char in text)
 
 
+VERIFIED_CACHE_SIZE = 4096
+VERIFIED_CACHE_SECONDS = 60.0
+
+
 class TokenVerifier:
-    """Verifies a JWT and returns its subject."""
+    """Verifies a JWT and returns its subject.
+
+    A chat turn presents the same token to several services and to each several times, so a
+    verified token is remembered (by its exact text) for a short while: never past its `exp`,
+    and in JWKS mode never longer than keys are cached, so a removed key stops working as
+    soon as it would without this cache.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._leeway = settings.auth_leeway_seconds
@@ -85,6 +95,8 @@ class TokenVerifier:
         self._audience = settings.auth_audience or None
         self._cache_seconds = settings.auth_jwks_cache_seconds
         self._keys: dict[str, tuple[float, object]] = {}
+        self._verified: dict[str, tuple[str, float]] = {}  # token -> (subject, monotonic deadline)
+        self._verified_seconds = VERIFIED_CACHE_SECONDS
         self._jwks_client: jwt.PyJWKClient | None = None
         if settings.auth_jwks_url:
             self._algorithms = JWKS_ALGORITHMS
@@ -94,6 +106,7 @@ class TokenVerifier:
                 settings.auth_jwks_url, cache_keys=False, lifespan=settings.auth_jwks_cache_seconds, timeout=5
             )
             self._secret = ""
+            self._verified_seconds = min(VERIFIED_CACHE_SECONDS, float(settings.auth_jwks_cache_seconds))
         elif settings.better_auth_secret:
             self._algorithms = SECRET_ALGORITHMS
             self._secret = settings.better_auth_secret
@@ -101,6 +114,26 @@ class TokenVerifier:
             raise SystemExit("no token verification configured: set BETTER_AUTH_SECRET or AUTH_JWKS_URL")
 
     async def verify(self, token: str) -> str:
+        remembered = self._verified.get(token)
+        if remembered is not None and remembered[1] > time.monotonic():
+            return remembered[0]
+        subject, expires_at = await self._verify(token)
+        self._remember(token, subject, expires_at)
+        return subject
+
+    def _remember(self, token: str, subject: str, expires_at: float) -> None:
+        seconds = min(self._verified_seconds, expires_at - time.time())  # exp without the leeway
+        if seconds <= 0:
+            return
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            now = time.monotonic()
+            self._verified = {key: entry for key, entry in self._verified.items() if entry[1] > now}
+            while len(self._verified) >= VERIFIED_CACHE_SIZE:
+                self._verified.pop(next(iter(self._verified)))  # the oldest entry
+        self._verified[token] = (subject, time.monotonic() + seconds)
+
+    async def _verify(self, token: str) -> tuple[str, float]:
+        """The token's subject and `exp`, after full verification."""
         if len(token) > MAX_TOKEN_LENGTH:
             raise Unauthenticated("invalid token: too long")
         try:
@@ -121,7 +154,7 @@ class TokenVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_LENGTH or _has_control(subject):
             raise Unauthenticated("invalid token: bad 'sub' claim")
-        return subject
+        return subject, float(claims["exp"])
 
     async def _key_for(self, token: str) -> object:
         if self._jwks_client is None:

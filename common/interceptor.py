@@ -8,6 +8,7 @@ them (and database outages) into gRPC statuses. Every call leaves one access-log
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -16,9 +17,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from common import auth, logs
-from common.errors import ServiceError, Unauthenticated, status_for
+from common.errors import InvalidArgument, ServiceError, Unauthenticated, status_for
 
 log = logging.getLogger("rpc")
 
@@ -61,16 +63,41 @@ def _wrap(
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
             _unary(handler.unary_unary, method, caller, request_id),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
             _streaming(handler.unary_stream, method, caller, request_id),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     raise NotImplementedError(f"{method}: client-streaming RPCs are not used by this project")
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message (e.g. a string field that is
+    not UTF-8, as Envoy's transcoder passes on from a path like /api/%FF/tasks)."""
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The handler's deserializer, but a malformed request becomes `_Undecodable` rather than
+    grpc's own UNKNOWN status (a 500 through the gateway): the call then fails as INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Undecodable()
+
+    return deserialize
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("the request is not valid: every text field must be UTF-8")
 
 
 class _CallScope:
@@ -91,6 +118,10 @@ class _CallScope:
         if not isinstance(self.caller, ServiceError):
             auth.reset_caller(self.caller_token)
         try:
+            if isinstance(error, asyncio.CancelledError):
+                # The client went away (or its deadline passed): nothing to answer, nothing broken.
+                self._log(grpc.StatusCode.CANCELLED)
+                return False
             if error is not None and not _is_abort(error):
                 mapped = status_for(error)
                 if mapped is None:
@@ -125,6 +156,7 @@ def _is_abort(error: BaseException) -> bool:
 def _unary(behavior: Callable[..., Any], method: str, caller: auth.Caller | ServiceError, request_id: str) -> Any:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _CallScope(method, caller, request_id, context):
+            _refuse_undecodable(request)
             return await behavior(request, context)
 
     return handle
@@ -136,6 +168,7 @@ def _streaming(behavior: Callable[..., Any], method: str, caller: auth.Caller | 
 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _CallScope(method, caller, request_id, context):
+            _refuse_undecodable(request)
             async for response in behavior(request, context):
                 yield response
 

@@ -75,6 +75,7 @@ function envoy_on_request(request_handle)
 end
 """
 MAX_CONNECTIONS = 10000  # downstream; beyond it Envoy refuses new connections instead of exhausting fds
+UPSTREAM_MAX_REQUESTS = 20000  # in flight per upstream cluster
 MAX_DIRECT_RESPONSE_BYTES = 4 * 1024 * 1024  # /openapi.json
 DEFAULT_TIMEOUT = "15s"
 CHAT_TIMEOUT_MARGIN_SECONDS = 20  # beyond AGENT_TURN_TIMEOUT_SECONDS: the agent answers first, with its own error
@@ -118,6 +119,19 @@ def _cluster(name: str, host: str, port: int, *, grpc: bool) -> dict[str, Any]:
                 {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}
             ],
         },
+    }
+    # Envoy's default circuit breakers allow 1,024 requests in flight per upstream and turn
+    # the rest into 503s; our services queue and bound their own work, so admit far more
+    # (MAX_CONNECTIONS above still bounds what reaches Envoy).
+    cluster["circuit_breakers"] = {
+        "thresholds": [
+            {
+                "max_connections": UPSTREAM_MAX_REQUESTS,
+                "max_pending_requests": UPSTREAM_MAX_REQUESTS,
+                "max_requests": UPSTREAM_MAX_REQUESTS,
+                "max_retries": 3,
+            }
+        ]
     }
     if grpc:
         cluster["typed_extension_protocol_options"] = {

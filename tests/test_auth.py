@@ -513,3 +513,36 @@ async def test_an_unreachable_jwks_is_unavailable_not_unauthenticated(
     finally:
         server.failing = False
     assert (await on_rotating.list(signed)).tasks == []
+
+
+# --- the verified-token cache ------------------------------------------------------------
+
+
+async def test_a_remembered_token_still_expires_on_time() -> None:
+    """The verifier remembers verified tokens, but never past their own `exp`."""
+    from common.auth import TokenVerifier
+    from common.errors import Unauthenticated
+    from common.settings import Settings
+
+    verifier = TokenVerifier(Settings.load({"BETTER_AUTH_SECRET": SECRET, "AUTH_LEEWAY_SECONDS": "0"}))
+    short_lived = token("cache-user", ttl_seconds=1)
+    assert await verifier.verify(short_lived) == "cache-user"
+    assert await verifier.verify(short_lived) == "cache-user"  # remembered
+    await asyncio.sleep(2.1)
+    with pytest.raises(Unauthenticated, match="expired"):
+        await verifier.verify(short_lived)
+
+
+async def test_a_remembered_token_does_not_vouch_for_a_tampered_copy() -> None:
+    from common.auth import TokenVerifier
+    from common.errors import Unauthenticated
+    from common.settings import Settings
+
+    verifier = TokenVerifier(Settings.load({"BETTER_AUTH_SECRET": SECRET}))
+    genuine = token("cache-user")
+    assert await verifier.verify(genuine) == "cache-user"
+    header, payload, signature = genuine.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    forged_payload = base64.urlsafe_b64encode(json.dumps({**claims, "sub": "victim"}).encode()).decode().rstrip("=")
+    with pytest.raises(Unauthenticated):
+        await verifier.verify(f"{header}.{forged_payload}.{signature}")
