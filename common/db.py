@@ -7,14 +7,18 @@ Each service has its own alembic history (`<service>/migrations`), applied on st
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import Table, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 
 
 def is_sqlite(url: str) -> bool:
@@ -78,3 +82,34 @@ def migrate_sync(migrations_dir: Path, url: str) -> None:
 async def migrate(migrations_dir: Path, url: str) -> None:
     """Apply the service's migrations up to head (off the event loop: alembic is synchronous)."""
     await asyncio.to_thread(migrate_sync, migrations_dir, url)
+
+
+@asynccontextmanager
+async def migrated_engine(migrations_dir: Path, url: str, pool_size: int) -> AsyncIterator[AsyncEngine]:
+    """A service's database for as long as it serves: migrated to head first, disposed after."""
+    await migrate(migrations_dir, url)
+    engine = create_engine(url, pool_size)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def next_number(conn: AsyncConnection, counters: Table, user_id: str) -> int:
+    """Bump and return the user's counter in `counters` (columns user_id, last_id).
+
+    One atomic upsert: on PostgreSQL it row-locks the counter until the transaction commits,
+    on SQLite the transaction holds the write lock; either way concurrent creates of one user
+    get consecutive numbers, and a rolled-back create gives its number back.
+    """
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(counters).values(user_id=user_id, last_id=1)
+    statement = statement.on_conflict_do_update(
+        index_elements=[counters.c.user_id], set_={"last_id": counters.c.last_id + 1}
+    ).returning(counters.c.last_id)
+    return int((await conn.execute(statement)).scalar_one())
+
+
+def utc(moment: datetime) -> datetime:
+    """A stored timestamp as an aware UTC datetime (SQLite hands back naive ones; all are UTC)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

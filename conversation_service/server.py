@@ -264,12 +264,10 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServiceServicer):
 
 @asynccontextmanager
 async def lifespan(server: grpc.aio.Server, settings: Settings) -> AsyncIterator[None]:
-    url = settings.database_url("conversation")
-    await db.migrate(MIGRATIONS, url)
-    engine = db.create_engine(url, settings.database_pool_size)
-    servicer = ConversationServicer(ConversationStore(engine), PageTokens(settings))
-    conversation_pb2_grpc.add_ConversationServiceServicer_to_server(servicer, server)
-    try:
+    async with db.migrated_engine(
+        MIGRATIONS, settings.database_url("conversation"), settings.database_pool_size
+    ) as engine:
+        conversation_pb2_grpc.add_ConversationServiceServicer_to_server(
+            ConversationServicer(ConversationStore(engine), PageTokens(settings)), server
+        )
         yield
-    finally:
-        await engine.dispose()

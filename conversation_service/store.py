@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, case, delete, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from common.db import next_number, utc
 from conversation_service.models import conversation_counters, conversations, messages
 
 ROLES = ("user", "assistant")
@@ -43,17 +43,12 @@ class MessageRow:
     created_at: datetime
 
 
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything we store is UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _conversation(row: Any) -> ConversationRow:
-    return ConversationRow(row.id, row.title, _utc(row.created_at), _utc(row.updated_at))
+    return ConversationRow(row.id, row.title, utc(row.created_at), utc(row.updated_at))
 
 
 def _message(row: Any) -> MessageRow:
-    return MessageRow(row.id, row.role, row.content, list(row.tool_calls or []), _utc(row.created_at))
+    return MessageRow(row.id, row.role, row.content, list(row.tool_calls or []), utc(row.created_at))
 
 
 _CONVERSATION_COLUMNS = (
@@ -76,8 +71,6 @@ def _in_conversation(user_id: str, conversation_id: int) -> Any:
 class ConversationStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-        self._upsert = dialect.insert
 
     # Conversations.
 
@@ -87,7 +80,7 @@ class ConversationStore:
         async with self._engine.connect() as conn, conn.begin() as transaction:
             # Bumping the counter first row-locks it until commit, so a concurrent create with
             # the same request_id has committed (and is visible) by the time we look for it.
-            number = await self._next_conversation_number(conn, user_id)
+            number = await next_number(conn, conversation_counters, user_id)
             if request_id:
                 existing = (
                     await conn.execute(
@@ -103,15 +96,6 @@ class ConversationStore:
             values = {**vars(row), "user_id": user_id, "request_id": request_id or None, "last_message_id": 0}
             await conn.execute(insert(conversations).values(**values))
         return row
-
-    async def _next_conversation_number(self, conn: AsyncConnection, user_id: str) -> int:
-        """Bump and return the user's counter in one atomic statement (row-locked until commit)."""
-        statement = self._upsert(conversation_counters).values(user_id=user_id, last_id=1)
-        statement = statement.on_conflict_do_update(
-            index_elements=[conversation_counters.c.user_id],
-            set_={"last_id": conversation_counters.c.last_id + 1},
-        ).returning(conversation_counters.c.last_id)
-        return int((await conn.execute(statement)).scalar_one())
 
     async def get(self, user_id: str, conversation_id: int) -> ConversationRow | None:
         async with self._engine.connect() as conn:

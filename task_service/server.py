@@ -108,12 +108,6 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
 @asynccontextmanager
 async def lifespan(server: grpc.aio.Server, settings: Settings) -> AsyncIterator[None]:
-    url = settings.database_url("task")
-    await db.migrate(MIGRATIONS, url)
-    engine = db.create_engine(url, settings.database_pool_size)
-    servicer = TaskServicer(TaskStore(engine), PageTokens(settings))
-    task_pb2_grpc.add_TaskServiceServicer_to_server(servicer, server)
-    try:
+    async with db.migrated_engine(MIGRATIONS, settings.database_url("task"), settings.database_pool_size) as engine:
+        task_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(TaskStore(engine), PageTokens(settings)), server)
         yield
-    finally:
-        await engine.dispose()

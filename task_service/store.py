@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from common.db import next_number, utc
 from task_service.models import task_counters, tasks
 
 STATUS_FILTERS = ("all", "pending", "completed")
@@ -31,14 +31,9 @@ def _row(row: Any) -> TaskRow:
         title=row.title,
         description=row.description,
         completed=row.completed,
-        created_at=_utc(row.created_at),
-        updated_at=_utc(row.updated_at),
+        created_at=utc(row.created_at),
+        updated_at=utc(row.updated_at),
     )
-
-
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything we store is UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 _COLUMNS = (tasks.c.id, tasks.c.title, tasks.c.description, tasks.c.completed, tasks.c.created_at, tasks.c.updated_at)
@@ -47,24 +42,14 @@ _COLUMNS = (tasks.c.id, tasks.c.title, tasks.c.description, tasks.c.completed, t
 class TaskStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-        self._upsert = dialect.insert
 
     async def create(self, user_id: str, title: str, description: str) -> TaskRow:
         now = datetime.now(UTC)
         async with self._engine.begin() as conn:
-            task_id = await self._next_task_id(conn, user_id)
+            task_id = await next_number(conn, task_counters, user_id)
             row = TaskRow(task_id, title, description, completed=False, created_at=now, updated_at=now)
             await conn.execute(insert(tasks).values(user_id=user_id, **vars(row)))
         return row
-
-    async def _next_task_id(self, conn: AsyncConnection, user_id: str) -> int:
-        """Bump and return the user's counter in one atomic statement (row-locked until commit)."""
-        statement = self._upsert(task_counters).values(user_id=user_id, last_id=1)
-        statement = statement.on_conflict_do_update(
-            index_elements=[task_counters.c.user_id], set_={"last_id": task_counters.c.last_id + 1}
-        ).returning(task_counters.c.last_id)
-        return int((await conn.execute(statement)).scalar_one())
 
     async def get(self, user_id: str, task_id: int) -> TaskRow | None:
         async with self._engine.connect() as conn:
