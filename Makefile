@@ -32,7 +32,7 @@ lint: install
 	$(PY) -m ruff format --check .
 
 typecheck: install
-	$(PY) -m mypy common task_service conversation_service agent_service gateway scripts
+	$(PY) -m mypy common task_service conversation_service agent_service gateway scripts bench
 
 test: lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -11,12 +11,11 @@ import signal
 import stat
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from scripts.stack import http_status
 from tests.gateway_fixtures import Gateway
 from tests.support import ROOT, free_port, token
 
@@ -56,7 +55,7 @@ class MakeUp:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"make up exited:\n{self.tail()}"
-            if status_of(self.base_url + "/readyz") == 200:
+            if http_status(self.base_url + "/readyz") == 200:
                 return
             time.sleep(0.5)
         raise AssertionError(f"/readyz not 200 after {START_TIMEOUT}s:\n{self.tail()}")
@@ -72,16 +71,6 @@ class MakeUp:
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.output.read_text(errors="replace").splitlines()[-lines:])
-
-
-def status_of(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except OSError:
-        return None
 
 
 def processes_with(marker: str) -> list[str]:
@@ -124,7 +113,7 @@ def test_make_up_runs_stops_cleanly_and_keeps_its_state(tmp_path: Path) -> None:
     for expected in ("make token USER=alice", "curl", "task_service ", "conversation_service", "envoy ", "\nstopped\n"):
         assert expected in output, expected
     assert processes_with(marker) == [], "orphans after Ctrl-C"
-    assert status_of(first.base_url + "/healthz") is None
+    assert http_status(first.base_url + "/healthz") is None
 
     second = MakeUp(env, tmp_path / "second.log")
     try:
@@ -156,7 +145,7 @@ def test_a_killed_launcher_leaves_no_orphans(tmp_path: Path) -> None:
     base_url = f"http://127.0.0.1:{env['GATEWAY_PORT']}"
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while status_of(base_url + "/readyz") != 200:
+        while http_status(base_url + "/readyz") != 200:
             assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()
             time.sleep(0.5)
         assert len(processes_with(marker)) >= 4  # the launcher, the services, envoy
