@@ -293,5 +293,15 @@ def run(options: Options) -> str:
 
     elapsed = time.monotonic() - started
     text = render(results, machine, busy, options.command, dt.datetime.now(dt.UTC), elapsed, workdir)
-    options.out.write_text(text)
+    options.out.write_text(text + _kept_sections(options.out))
     return text
+
+
+KEPT_MARKER = "<!-- kept by make bench -->"
+
+
+def _kept_sections(path: Path) -> str:
+    """What follows KEPT_MARKER in the previous file (the reliability suites' full-run numbers,
+    measured by their own commands), so a benchmark run does not erase it."""
+    previous = path.read_text() if path.exists() else ""
+    return "\n" + previous[previous.index(KEPT_MARKER) :] if KEPT_MARKER in previous else ""
