@@ -388,3 +388,30 @@ def test_a_flaky_model_is_retried_and_no_tool_runs_twice(chat_stack: Stack, chat
     assert len(chat_model.received(keys["gives-up"])) == 2
     # Each add_task ran exactly once: no retry of a model request re-ran a tool.
     assert sorted(task_titles(chat_stack, user)) == ["A", "C"]
+
+
+async def test_sigterm_to_the_agent_lets_a_running_turn_finish(chat_stack: Stack, chat_model: ChatServer) -> None:
+    """SIGTERM while a chat turn waits on the model: the turn still completes inside the grace
+    period (its tool runs once, its answer arrives), the agent exits cleanly, and a turn sent
+    after it went away is refused with 503 until it is back."""
+    user, key = f"ivy-{uuid.uuid4().hex[:6]}", f"term-{uuid.uuid4().hex[:6]}"
+    chat_model.script(key, delayed(1.5, tool_calls(call("add_task", {"title": "buy bread"}))), then=text("Added."))
+    turn = asyncio.ensure_future(
+        asyncio.to_thread(rest, chat_stack, "POST", f"/api/{user}/chat", user, {"message": f"[[{key}]] add bread"})
+    )
+    await _until(lambda: len(chat_model.received(key)) >= 1, within=30)
+    agent = chat_stack.component("agent")
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGTERM)
+    status, body = await turn
+    exit_code = await asyncio.to_thread(agent.process.wait, 30)
+    late_status, late_body = await asyncio.to_thread(
+        rest, chat_stack, "POST", f"/api/{user}/chat", user, {"message": "add butter"}
+    )
+    agent.start()  # from the main thread: children die with the thread that started them (tests/README.md)
+
+    assert status == 200, body
+    assert added(body) == ["buy bread"]
+    assert exit_code == 0, agent.log_tail()
+    assert late_status == 503, late_body
+    assert task_titles(chat_stack, user) == ["buy bread"]
