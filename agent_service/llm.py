@@ -24,6 +24,7 @@ import openai
 from openai import AsyncStream
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from agent_service.builtin_model import create_app
 from common.errors import DeadlineExceeded, ServiceError, Unavailable
 from common.settings import Settings
 
@@ -155,10 +156,6 @@ def _openai_client(settings: Settings) -> openai.AsyncOpenAI:
             max_retries=settings.llm_max_retries,
         )
     # No endpoint configured: the built-in model, served in process over the same protocol.
-    try:
-        from agent_service.builtin_model import create_app
-    except ImportError as error:
-        raise SystemExit("LLM_BASE_URL is empty and the built-in model is not available") from error
     transport = httpx2.ASGITransport(app=create_app())
     return openai.AsyncOpenAI(
         base_url=BUILTIN_BASE_URL,

@@ -1,14 +1,13 @@
 """AgentService over gRPC (Chat and ChatStream share one turn), and the service's lifespan.
 
 The lifespan opens the channels to task_service and conversation_service, builds the model
-client, and, when agent_service/mcp_server.py is present, serves the MCP tools over HTTP
-next to the gRPC server until shutdown.
+client, and serves the MCP tools over HTTP (agent_service/mcp_server.py) next to the gRPC
+server until shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -16,6 +15,7 @@ from contextlib import aclosing, asynccontextmanager
 import grpc
 from google.rpc import status_pb2
 
+from agent_service import mcp_server
 from agent_service.agent import Agent, Delta, Done, Event, Failed, ToolRun, TurnFailed
 from agent_service.llm import ModelClient
 from common.clients import channel
@@ -90,21 +90,15 @@ async def lifespan(server: grpc.aio.Server, settings: Settings) -> AsyncIterator
         yield
     finally:
         mcp_stop.set()
-        if mcp is not None:
-            await stop_mcp(mcp)
+        await stop_mcp(mcp)
         await agent.close()
         await model.close()
         await task_channel.close()
         await conversation_channel.close()
 
 
-def start_mcp(settings: Settings, task_channel: grpc.aio.Channel, stop: asyncio.Event) -> asyncio.Task[None] | None:
-    """MCP over HTTP, when its module is part of this build."""
-    if importlib.util.find_spec("agent_service.mcp_server") is None:
-        log.info("no MCP server module; serving gRPC only")
-        return None
-    from agent_service import mcp_server  # type: ignore[attr-defined,unused-ignore]
-
+def start_mcp(settings: Settings, task_channel: grpc.aio.Channel, stop: asyncio.Event) -> asyncio.Task[None]:
+    """MCP over HTTP on AGENT_HTTP_HOST:AGENT_HTTP_PORT, as a task beside the gRPC server."""
     task = asyncio.create_task(mcp_server.serve_http(settings, task_channel, stop), name="mcp")
     task.add_done_callback(_report_mcp_exit)
     return task

@@ -62,7 +62,7 @@ def ensure_secret(env: dict[str, str]) -> str:
 def ensure_generated() -> None:
     """Stubs, descriptor set and OpenAPI (make does this; a direct `python scripts/up.py` may not have)."""
     if not (BUILD_DIR / "todo.pb").exists() or not (BUILD_DIR / "openapi.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py")], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "scripts.gen_protos"], cwd=ROOT, check=True)
 
 
 def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
