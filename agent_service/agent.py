@@ -3,14 +3,16 @@
 A turn (`Agent.turn`) is an async stream of events — text deltas, tool calls with their
 outcome, then `Done` or `Failed` — that both Chat and ChatStream consume:
 
-1. checks (caller, path user, message, idempotency key) and the conversation (loaded, or
-   created), failing as an ordinary gRPC status before any event;
+1. checks (caller, path user, message, idempotency key) and the conversation (the given one, or
+   a new one), failing as an ordinary gRPC status before any event;
 2. with an Idempotency-Key: the answer already stored for it is replayed, nothing runs;
-3. otherwise the rest runs as a background task bounded in time (steps x model timeout, at most
-   AGENT_TURN_TIMEOUT_SECONDS):
-   store the user's message (first, so it is kept whatever fails next), load the recent
-   history, loop model step → tools (all calls of one step concurrently) until the model
-   answers in text or the step bound is reached, store the assistant's message, `Done`.
+3. the user's message is stored (first, so it is kept whatever fails next; a missing or
+   another user's conversation is NOT_FOUND here), and the same call returns the history
+   window: two conversation_service calls per turn in all;
+4. the rest runs as a background task bounded in time (steps x model timeout, at most
+   AGENT_TURN_TIMEOUT_SECONDS): loop model step → tools (all calls of one step concurrently)
+   until the model answers in text or the step bound is reached, store the assistant's
+   message, `Done`.
 
 The background task finishes even if the client goes away, so a retry with the same key
 finds the stored answer instead of running the tools again. A retry that arrives while the
@@ -102,6 +104,16 @@ class Turn:
         return f"{self.key}:{role}" if self.key else ""
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A message as conversation_service stored it (or had already stored it, on a retry),
+    with the messages before it that were asked for."""
+
+    message: conversation_pb2.Message
+    created: bool
+    history: list[conversation_pb2.Message]
+
+
 class Agent:
     def __init__(
         self,
@@ -136,8 +148,11 @@ class Agent:
                 for event in replay(turn.conversation_id, answered):
                     yield event
                 return
+        # Stored first, so it is kept whatever fails next; a missing or foreign conversation is
+        # NOT_FOUND here, still a plain status. The same call brings the history window.
+        stored = await self._append(turn, "user", turn.text, [], history_limit=self._window)
         events: asyncio.Queue[Event] = asyncio.Queue()
-        self._start(self._run_bounded(turn, events.put))
+        self._start(self._run_bounded(turn, stored, events.put))
         while True:
             event = await events.get()
             yield event
@@ -159,14 +174,9 @@ class Agent:
         metadata = caller_metadata(caller)
         with upstream("conversation service"):
             if request.HasField("conversation_id"):
-                conversation_id = validation.positive_id(request.conversation_id, "conversation_id")
-                # Another user's conversation is NOT_FOUND there, and that answer passes through.
-                await self._conversations.GetConversation(
-                    conversation_pb2.GetConversationRequest(conversation_id=conversation_id),
-                    metadata=metadata,
-                    timeout=RPC_TIMEOUT_SECONDS,
-                )
-                return conversation_id
+                # Not looked up here: appending the user's message answers NOT_FOUND for a
+                # missing or another user's conversation, before the turn starts.
+                return validation.positive_id(request.conversation_id, "conversation_id")
             created = await self._conversations.CreateConversation(
                 # Untitled: conversation_service names it after the first user message.
                 conversation_pb2.CreateConversationRequest(request_id=key),
@@ -202,11 +212,11 @@ class Agent:
         if stored.content != turn.text:
             raise InvalidArgument(REUSED_KEY)
 
-    async def _run_bounded(self, turn: Turn, emit: Emit) -> None:
+    async def _run_bounded(self, turn: Turn, stored: Stored, emit: Emit) -> None:
         failed: Failed | None = None
         try:
             async with asyncio.timeout(self.turn_seconds) as bound:
-                await self._run(turn, emit)
+                await self._run(turn, stored, emit)
         except TimeoutError as error:
             if bound.expired():
                 failed = Failed(
@@ -222,15 +232,14 @@ class Agent:
             await emit(failed)
         self._owners.discard(id(turn))
 
-    async def _run(self, turn: Turn, emit: Emit) -> None:
-        user_message, created = await self._append(turn, "user", turn.text, [])
-        if not created:
-            await self._follow_first_attempt(turn, user_message, emit)
+    async def _run(self, turn: Turn, stored: Stored, emit: Emit) -> None:
+        if not stored.created:
+            await self._follow_first_attempt(turn, stored.message, emit)
             return
         if turn.key:
             self._owners.add(id(turn))  # this attempt holds the key: a failure of it is remembered
         started = time.perf_counter()
-        earlier = await self._earlier_messages(turn, user_message.id)
+        earlier = list(stored.history)
         messages = history.model_messages(SYSTEM_PROMPT, earlier, turn.text)
         text, calls = await self._loop(turn, messages, emit)
         await self._append(turn, "assistant", text, calls)
@@ -298,33 +307,21 @@ class Agent:
         return history.tool_call(name, arguments, result=result)
 
     async def _append(
-        self, turn: Turn, role: str, content: str, calls: list[conversation_pb2.ToolCall]
-    ) -> tuple[conversation_pb2.Message, bool]:
+        self, turn: Turn, role: str, content: str, calls: list[conversation_pb2.ToolCall], history_limit: int = 0
+    ) -> Stored:
         request = conversation_pb2.AppendMessageRequest(
             conversation_id=turn.conversation_id,
             role=role,
             content=content,
             tool_calls=calls,
             request_id=turn.request_id(role),
+            history_limit=history_limit,
         )
         with upstream("conversation service"):
             reply = await self._conversations.AppendMessage(
                 request, metadata=caller_metadata(turn.caller), timeout=RPC_TIMEOUT_SECONDS
             )
-        return reply.message, reply.created
-
-    async def _earlier_messages(self, turn: Turn, current_id: int) -> list[conversation_pb2.Message]:
-        """The history window: the messages before this turn's own, oldest first."""
-        if self._window == 0:
-            return []
-        request = conversation_pb2.GetRecentMessagesRequest(
-            conversation_id=turn.conversation_id, limit=self._window + 1
-        )
-        with upstream("conversation service"):
-            reply = await self._conversations.GetRecentMessages(
-                request, metadata=caller_metadata(turn.caller), timeout=RPC_TIMEOUT_SECONDS
-            )
-        return [message for message in reply.messages if message.id < current_id][-self._window :]
+        return Stored(reply.message, reply.created, list(reply.history))
 
     async def _follow_first_attempt(self, turn: Turn, user_message: conversation_pb2.Message, emit: Emit) -> None:
         """A retry whose first attempt stored the user's message: wait for that attempt's answer, never rerun."""

@@ -207,11 +207,16 @@ class ConversationServicer(conversation_pb2_grpc.ConversationServiceServicer):
             request_id=_request_id(request.request_id),
             title_if_untitled=title_from_message(content) if request.role == "user" else "",
         )
-        appended = await self._store.append(user_id, conversation_id, new)
+        if not 0 <= request.history_limit <= MAX_PAGE_SIZE:
+            raise InvalidArgument(f"history_limit must be between 0 and {MAX_PAGE_SIZE}")
+        appended = await self._store.append(user_id, conversation_id, new, request.history_limit)
         if appended is None:
             raise _not_found(conversation_id)
-        row, created = appended
-        return conversation_pb2.AppendMessageResponse(message=message_message(row), created=created)
+        return conversation_pb2.AppendMessageResponse(
+            message=message_message(appended.message),
+            created=appended.created,
+            history=[message_message(row) for row in appended.history],
+        )
 
     async def GetMessageByRequestId(
         self, request: conversation_pb2.GetMessageByRequestIdRequest, context: grpc.aio.ServicerContext

@@ -43,6 +43,13 @@ class MessageRow:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class Appended:
+    message: MessageRow
+    created: bool
+    history: list[MessageRow]
+
+
 def _conversation(row: Any) -> ConversationRow:
     return ConversationRow(row.id, row.title, utc(row.created_at), utc(row.updated_at))
 
@@ -148,9 +155,12 @@ class ConversationStore:
 
     # Messages.
 
-    async def append(self, user_id: str, conversation_id: int, new: NewMessage) -> tuple[MessageRow, bool] | None:
-        """(the message, created). A known request_id returns the original with created=False;
-        None if the user has no such conversation."""
+    async def append(
+        self, user_id: str, conversation_id: int, new: NewMessage, history_limit: int = 0
+    ) -> Appended | None:
+        """The message and whether it is new (a known request_id returns the original with
+        created=False), with up to `history_limit` messages before it; None if the user has
+        no such conversation."""
         async with self._engine.connect() as conn, conn.begin() as transaction:
             number = await self._next_message_number(conn, user_id, conversation_id, new)
             if number is None:
@@ -158,12 +168,29 @@ class ConversationStore:
             # Looked up after the row lock, so a concurrent retry has committed or not started.
             earlier = await self._by_request_id(conn, user_id, conversation_id, new.request_id)
             if earlier is not None:
+                history = await self._before(conn, user_id, conversation_id, earlier.id, history_limit)
                 await transaction.rollback()  # neither the number nor updated_at moves
-                return earlier, False
+                return Appended(earlier, False, history)
             row = MessageRow(number, new.role, new.content, new.tool_calls, datetime.now(UTC))
             values = {**vars(row), "user_id": user_id, "conversation_id": conversation_id}
             await conn.execute(insert(messages).values(**values, request_id=new.request_id or None))
-        return row, True
+            history = await self._before(conn, user_id, conversation_id, number, history_limit)
+        return Appended(row, True, history)
+
+    async def _before(
+        self, conn: AsyncConnection, user_id: str, conversation_id: int, message_id: int, limit: int
+    ) -> list[MessageRow]:
+        """Up to `limit` messages before `message_id`, oldest first."""
+        if limit <= 0:
+            return []
+        query = (
+            select(*_MESSAGE_COLUMNS)
+            .where(_in_conversation(user_id, conversation_id), messages.c.id < message_id)
+            .order_by(messages.c.id.desc())
+            .limit(limit)
+        )
+        rows = (await conn.execute(query)).all()
+        return [_message(row) for row in reversed(rows)]
 
     async def _next_message_number(
         self, conn: AsyncConnection, user_id: str, conversation_id: int, new: NewMessage

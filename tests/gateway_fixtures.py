@@ -82,16 +82,25 @@ class Gateway:
             return Reply(error.code, error.headers, error.read())
 
 
+def free_ports_env() -> dict[str, str]:
+    """Every listening port of a stack (gateway, three gRPC services, the agent's HTTP) on a free loopback port."""
+    gateway_port = free_port()
+    return {
+        "GATEWAY_PORT": str(gateway_port),
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{gateway_port}",
+        "TASK_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
+        "CONVERSATION_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
+        "AGENT_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
+        "AGENT_HTTP_PORT": str(free_port()),
+    }
+
+
 def gateway_env(database_urls: dict[str, str], state_dir: Path) -> dict[str, str]:
     """Settings for a private stack: free loopback ports, the test secret, the given databases."""
     return {
         "BETTER_AUTH_SECRET": SECRET,
         "STATE_DIR": str(state_dir),
-        "GATEWAY_PORT": str(free_port()),
-        "TASK_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
-        "CONVERSATION_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
-        "AGENT_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
-        "AGENT_HTTP_PORT": str(free_port()),
+        **free_ports_env(),
         "GRPC_SHUTDOWN_GRACE_SECONDS": "3",
         "LOG_FORMAT": "json",
         "TASK_DATABASE_URL": database_urls.get("task", ""),
@@ -122,3 +131,18 @@ def start_gateway(
         yield Gateway(stack=stack, base_url=stack.base_url, env=env)
     finally:
         stack.stop()
+
+
+def collect(gateway: Gateway, user: str, path: str, key: str) -> list[Any]:
+    """Every item of a paginated list endpoint (`key`: "tasks", "conversations", "messages")."""
+    items: list[Any] = []
+    page_token = ""
+    separator = "&" if "?" in path else "?"
+    while True:
+        reply = gateway.call("GET", f"{path}{separator}page_size=100&page_token={page_token}", user=user)
+        assert reply.status == 200, reply
+        body = reply.json()
+        items.extend(body[key])
+        page_token = body["next_page_token"]
+        if not page_token:
+            return items

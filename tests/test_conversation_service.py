@@ -201,6 +201,30 @@ async def test_history_order_recent_window_and_lookup_by_request_id(
     await expect(grpc.StatusCode.INVALID_ARGUMENT, alice.GetMessageByRequestId(empty), "request_id")
 
 
+async def test_append_returns_the_history_window_before_the_new_message(
+    stub: conversation_pb2_grpc.ConversationServiceStub,
+) -> None:
+    alice = new_user(stub, "alice")
+    conversation = await alice.create("Window")
+    assert list((await alice.append(conversation.id, "first", history_limit=5)).history) == []
+    for number in range(2, 8):
+        await alice.append(conversation.id, f"message {number}", request_id=f"w-{number}")
+    reply = await alice.append(conversation.id, "the eighth", history_limit=3, request_id="w-8")
+    assert reply.message.id == 8
+    assert [message.id for message in reply.history] == [5, 6, 7]  # just before it, oldest first
+    assert [message.content for message in reply.history] == ["message 5", "message 6", "message 7"]
+    assert list((await alice.append(conversation.id, "no window")).history) == []  # 0: none
+
+    # A retry answers with the window before the original message, not before the newest one.
+    retry = await alice.append(conversation.id, "the eighth", history_limit=2, request_id="w-8")
+    assert not retry.created and [message.id for message in retry.history] == [6, 7]
+
+    for bad_limit in (101, -1):
+        refused = alice.append(conversation.id, "never stored", history_limit=bad_limit)
+        await expect(grpc.StatusCode.INVALID_ARGUMENT, refused, "history_limit")
+    assert [message.id for message in await alice.all_messages(conversation.id)] == list(range(1, 10))
+
+
 async def test_appending_moves_the_conversation_to_the_front(
     stub: conversation_pb2_grpc.ConversationServiceStub,
 ) -> None:

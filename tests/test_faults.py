@@ -36,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.clients import CHANNEL_OPTIONS
 from scripts.stack import Stack
 from tests.chat_server import ChatServer, call, delayed, error, text, tool_calls
+from tests.gateway_fixtures import free_ports_env
 from tests.pg_cluster import PgCluster, private_cluster
 from tests.support import ServiceProcess, auth_metadata, free_port, token
 from todo.v1 import task_pb2, task_pb2_grpc
@@ -258,15 +259,9 @@ def chat_stack(
     chat_model: ChatServer, base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("chat-faults")
-    ports = {name: free_port() for name in ("task", "conversation", "agent", "agent_http", "gateway")}
     env = {
         **base_env,
-        "TASK_SERVICE_ADDR": f"127.0.0.1:{ports['task']}",
-        "CONVERSATION_SERVICE_ADDR": f"127.0.0.1:{ports['conversation']}",
-        "AGENT_SERVICE_ADDR": f"127.0.0.1:{ports['agent']}",
-        "AGENT_HTTP_PORT": str(ports["agent_http"]),
-        "GATEWAY_PORT": str(ports["gateway"]),
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{ports['gateway']}",
+        **free_ports_env(),
         "TASK_DATABASE_URL": f"sqlite+aiosqlite:///{work / 'tasks.db'}",
         "CONVERSATION_DATABASE_URL": f"sqlite+aiosqlite:///{work / 'conversations.db'}",
         "LLM_BASE_URL": chat_model.base_url,

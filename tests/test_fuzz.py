@@ -41,7 +41,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.gateway_fixtures import Gateway, start_gateway
+from tests.gateway_fixtures import Gateway, collect, start_gateway
 
 USER_A = "fuzz-alice"
 USER_B = "fuzz-bob"
@@ -238,19 +238,6 @@ def snapshot(gateway: Gateway, user: str) -> dict[str, Any]:
             for item in conversations
         },
     }
-
-
-def collect(gateway: Gateway, user: str, path: str, key: str) -> list[Any]:
-    items: list[Any] = []
-    page_token = ""
-    separator = "&" if "?" in path else "?"
-    while True:
-        reply = gateway.call("GET", f"{path}{separator}page_size=100&page_token={page_token}", user=user)
-        assert reply.status == 200, reply
-        items.extend(reply.json()[key])
-        page_token = reply.json()["next_page_token"]
-        if not page_token:
-            return items
 
 
 def report(findings: list[Finding], limit: int = 10) -> str:

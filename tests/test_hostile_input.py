@@ -26,7 +26,7 @@ from urllib.parse import quote
 import grpc
 import pytest
 
-from tests.gateway_fixtures import Gateway, Reply, start_gateway
+from tests.gateway_fixtures import Gateway, Reply, collect, start_gateway
 from tests.support import auth_metadata
 
 USER = "hostile-alice"
@@ -67,20 +67,6 @@ def snapshot(gateway: Gateway, user: str = USER) -> dict[str, Any]:
         for conversation in conversations
     }
     return {"tasks": tasks, "conversations": conversations, "messages": messages}
-
-
-def collect(gateway: Gateway, user: str, path: str, key: str) -> list[Any]:
-    items: list[Any] = []
-    page_token = ""
-    separator = "&" if "?" in path else "?"
-    while True:
-        reply = gateway.call("GET", f"{path}{separator}page_size=100&page_token={page_token}", user=user)
-        assert reply.status == 200, reply
-        body = reply.json()
-        items.extend(body[key])
-        page_token = body["next_page_token"]
-        if not page_token:
-            return items
 
 
 def assert_error(reply: Reply, status: int, *, naming: str | None = None) -> dict[str, Any]:

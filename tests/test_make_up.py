@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from scripts.stack import http_status
-from tests.gateway_fixtures import Gateway
-from tests.support import ROOT, free_port, token
+from tests.gateway_fixtures import Gateway, free_ports_env
+from tests.support import ROOT, token
 
 START_TIMEOUT = 240  # `make up` may first (re)install the venv when pyproject.toml changed
 
@@ -29,11 +29,7 @@ def make_up_env(state_dir: Path) -> dict[str, str]:
         env.pop(name, None)
     env |= {
         "STATE_DIR": str(state_dir),
-        "GATEWAY_PORT": str(free_port()),
-        "TASK_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
-        "CONVERSATION_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
-        "AGENT_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
-        "AGENT_HTTP_PORT": str(free_port()),
+        **free_ports_env(),
         "GRPC_SHUTDOWN_GRACE_SECONDS": "5",
         "MODE": "native",
     }

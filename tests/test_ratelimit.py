@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 
 from common.ratelimit import LocalStore, RateLimiter, RedisStore
 from scripts.stack import Stack
+from tests.gateway_fixtures import free_ports_env
 from tests.support import ServiceProcess, auth_metadata, free_port, token
 from todo.v1 import agent_pb2, agent_pb2_grpc, task_pb2, task_pb2_grpc
 
@@ -248,14 +249,9 @@ async def test_service_keeps_serving_writes_when_redis_is_down(
 
 
 def test_gateway_answers_429_with_a_retry_after_header(base_env: dict[str, str], tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("task", "conversation", "agent", "agent_http", "gateway")}
     env = {
         **base_env,
-        "TASK_SERVICE_ADDR": f"127.0.0.1:{ports['task']}",
-        "CONVERSATION_SERVICE_ADDR": f"127.0.0.1:{ports['conversation']}",
-        "AGENT_SERVICE_ADDR": f"127.0.0.1:{ports['agent']}",
-        "AGENT_HTTP_PORT": str(ports["agent_http"]),
-        "GATEWAY_PORT": str(ports["gateway"]),
+        **free_ports_env(),
         "TASK_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'tasks.db'}",
         "RATE_LIMIT_WRITES_PER_MINUTE": "2",
     }
