@@ -39,7 +39,7 @@ from tests.chat_server import ChatServer, call, delayed, error, text, tool_calls
 from tests.gateway_fixtures import free_ports_env
 from tests.pg_cluster import PgCluster, private_cluster
 from tests.support import ServiceProcess, auth_metadata, free_port, token
-from todo.v1 import task_pb2, task_pb2_grpc
+from todo.v1 import conversation_pb2, conversation_pb2_grpc, task_pb2, task_pb2_grpc
 
 MAX_RECONNECT_BACKOFF_MS = dict(CHANNEL_OPTIONS)["grpc.max_reconnect_backoff_ms"]
 WRITERS = 4
@@ -200,6 +200,67 @@ async def test_sigterm_finishes_in_flight_calls_and_refuses_new_ones(
     assert result.acknowledged, "the steady load never got going"
     assert_no_acknowledged_write_lost(result, stored_task_ids(cluster, database, steady))
     assert stored_task_ids(cluster, database, slow) == [first.id, first.id + 1, first.id + 2, first.id + 3]
+
+
+async def test_sigterm_to_conversation_service_finishes_in_flight_appends(
+    cluster: PgCluster, base_env: dict[str, str], log_dir: Path
+) -> None:
+    """The same drain on conversation_service: appends held in flight by a row lock finish
+    after SIGTERM, a new call is UNAVAILABLE, the process exits 0, every append is stored."""
+    database = cluster.create_database("faults_conv_sigterm")
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        **base_env,
+        "CONVERSATION_DATABASE_URL": cluster.url(database),
+        "CONVERSATION_SERVICE_ADDR": address,
+        "GRPC_SHUTDOWN_GRACE_SECONDS": "20",
+    }
+    service = ServiceProcess("conversation_service", env, address, log_dir).start()
+    user = f"conv-{uuid.uuid4().hex[:6]}"
+    metadata = auth_metadata(user)
+    lock = psycopg.connect(cluster.admin_url(database), connect_timeout=10)
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = conversation_pb2_grpc.ConversationServiceStub(channel)
+            held = await stub.CreateConversation(conversation_pb2.CreateConversationRequest(), metadata=metadata)
+            # Hold the conversation's row: appends to it block inside the service, in flight.
+            lock.execute("SELECT id FROM conversations WHERE user_id = %s AND id = %s FOR UPDATE", (user, held.id))
+            in_flight = [
+                asyncio.ensure_future(
+                    stub.AppendMessage(
+                        conversation_pb2.AppendMessageRequest(conversation_id=held.id, role="user", content=f"m{n}"),
+                        metadata=metadata,
+                        timeout=30,
+                    )
+                )
+                for n in range(3)
+            ]
+            await asyncio.to_thread(_wait_for_blocked_queries, cluster, database, 3)
+            assert service.process is not None
+            service.process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(_wait_refusing, address)
+            try:
+                await stub.CreateConversation(
+                    conversation_pb2.CreateConversationRequest(), metadata=metadata, timeout=10
+                )
+                late_code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as error:
+                late_code = error.code()
+            assert not any(call.done() for call in in_flight), "the in-flight appends did not wait for the lock"
+            lock.commit()  # release: the appends may now finish, inside the grace period
+            finished = await asyncio.gather(*in_flight, return_exceptions=True)
+        exit_code = await asyncio.to_thread(service.process.wait, 30)
+    finally:
+        lock.close()
+        service.stop()
+
+    assert late_code == grpc.StatusCode.UNAVAILABLE
+    assert all(isinstance(reply, conversation_pb2.AppendMessageResponse) for reply in finished), finished
+    assert sorted(reply.message.id for reply in finished) == [1, 2, 3]
+    assert exit_code == 0, service.log_tail()
+    with psycopg.connect(cluster.admin_url(database), connect_timeout=10) as conn:
+        stored = conn.execute("SELECT id FROM messages WHERE user_id = %s ORDER BY id", (user,)).fetchall()
+    assert [row[0] for row in stored] == [1, 2, 3]
 
 
 def _wait_refusing(address: str, within: float = 10) -> None:
