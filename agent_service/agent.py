@@ -442,12 +442,12 @@ def replay(conversation_id: int, answered: conversation_pb2.Message) -> list[Eve
 
 
 def recorded_arguments(raw: str) -> dict[str, Any]:
-    """The arguments as recorded on the ToolCall: the model's JSON object, or {} when it sent none."""
+    """The arguments as recorded on the ToolCall: the model's JSON object, or {} when it sent none
+    or sent something that is not one (the tool's error says what was wrong)."""
     try:
-        parsed = json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError:
+        return tools.parse_arguments(raw.strip())
+    except tools.ToolError:
         return {}
-    return parsed if isinstance(parsed, dict) else {}
 
 
 def assistant_step(text: str, calls: list[ModelToolCall]) -> dict[str, Any]:

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import SECRET, create_postgres_database, drop_postgres_database, free_port
+from tests.support import (
+    SECRET,
+    ServiceProcess,
+    create_postgres_database,
+    drop_postgres_database,
+    free_port,
+    running,
+)
 
 BACKENDS = ["sqlite", "postgres"]
 
@@ -52,3 +59,17 @@ def base_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def task_service(
+    request: pytest.FixtureRequest,
+    database_url_factory: Callable[[str, str], str],
+    base_env: dict[str, str],
+    log_dir: Path,
+) -> Iterator[ServiceProcess]:
+    """A real task_service process on a loopback port, once per backend for the module."""
+    address = f"127.0.0.1:{free_port()}"
+    env = {**base_env, "TASK_SERVICE_ADDR": address, "TASK_DATABASE_URL": database_url_factory(request.param, "tasks")}
+    with running("task_service", env, address, log_dir) as service:
+        yield service

@@ -82,6 +82,10 @@ class Gateway:
             return Reply(error.code, error.headers, error.read())
 
 
+# For suites that send far more requests per user than any sane limit (fuzzing, soak, abuse).
+NO_RATE_LIMITS = {"RATE_LIMIT_WRITES_PER_MINUTE": "0", "RATE_LIMIT_CHAT_PER_MINUTE": "0"}
+
+
 def free_ports_env() -> dict[str, str]:
     """Every listening port of a stack (gateway, three gRPC services, the agent's HTTP) on a free loopback port."""
     gateway_port = free_port()

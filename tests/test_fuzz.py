@@ -41,7 +41,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.gateway_fixtures import Gateway, collect, start_gateway
+from tests.gateway_fixtures import NO_RATE_LIMITS, Gateway, collect, start_gateway
 
 USER_A = "fuzz-alice"
 USER_B = "fuzz-bob"
@@ -66,7 +66,6 @@ EXPECTED_OPERATIONS = {
     "ChatStream",
 }
 # Rate limits would answer a fuzzer's burst of writes with 429; they have their own tests.
-NO_RATE_LIMITS = {"RATE_LIMIT_WRITES_PER_MINUTE": "0", "RATE_LIMIT_CHAT_PER_MINUTE": "0"}
 
 
 @dataclass

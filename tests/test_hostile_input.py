@@ -26,7 +26,7 @@ from urllib.parse import quote
 import grpc
 import pytest
 
-from tests.gateway_fixtures import Gateway, Reply, collect, start_gateway
+from tests.gateway_fixtures import NO_RATE_LIMITS, Gateway, Reply, collect, start_gateway
 from tests.support import auth_metadata
 
 USER = "hostile-alice"
@@ -34,7 +34,6 @@ OTHER = "hostile-bob"
 KIB = 1024
 
 # Per-user rate limits would turn a long run of refused writes into 429s; they are tested elsewhere.
-NO_RATE_LIMITS = {"RATE_LIMIT_WRITES_PER_MINUTE": "0", "RATE_LIMIT_CHAT_PER_MINUTE": "0"}
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ import asyncio
 import re
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -20,31 +19,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from common.settings import documented_settings
-from tests.conftest import BACKENDS
-from tests.support import ROOT, ServiceProcess, auth_metadata, free_port, running
+from tests.support import ROOT, ServiceProcess, auth_metadata
 from todo.v1 import task_pb2, task_pb2_grpc
 
 TIMEOUT = 30
 TASK_SERVICE = "todo.v1.TaskService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def task_service(
-    request: pytest.FixtureRequest,
-    database_url_factory: Callable[[str, str], str],
-    base_env: dict[str, str],
-    log_dir: Any,
-) -> Iterator[ServiceProcess]:
-    address = f"127.0.0.1:{free_port()}"
-    env = {
-        **base_env,
-        "TASK_SERVICE_ADDR": address,
-        "TASK_DATABASE_URL": database_url_factory(request.param, "runtime"),
-    }
-    with running("task_service", env, address, log_dir) as service:
-        yield service
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.gateway_fixtures import Gateway, start_gateway
+from tests.gateway_fixtures import NO_RATE_LIMITS, Gateway, start_gateway
 from tests.soak_load import ProcessSample, Soak, SoakOptions, SoakResult, sample_processes
 from tests.support import SECRET
 
@@ -28,7 +28,6 @@ SOCKET_TOLERANCE = 4  # sockets a pool may open or close between the two samples
 USERS, CONCURRENCY = 200, 32
 # A ceiling on the request count, so the run ends even if the stack is unexpectedly fast.
 MAX_REQUESTS = int(SOAK_SECONDS * 2000)
-NO_RATE_LIMITS = {"RATE_LIMIT_WRITES_PER_MINUTE": "0", "RATE_LIMIT_CHAT_PER_MINUTE": "0"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(int(SOAK_SECONDS) + 600)]
 

@@ -10,30 +10,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import pytest
 
-from tests.conftest import BACKENDS
-from tests.support import ServiceProcess, auth_metadata, free_port, running
+from tests.support import ServiceProcess, auth_metadata
 from todo.v1 import task_pb2, task_pb2_grpc
 
 TIMEOUT = 30  # seconds per RPC: generous, the machine is shared
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def task_service(
-    request: pytest.FixtureRequest,
-    database_url_factory: Callable[[str, str], str],
-    base_env: dict[str, str],
-    log_dir: Any,
-) -> Iterator[ServiceProcess]:
-    address = f"127.0.0.1:{free_port()}"
-    env = {**base_env, "TASK_SERVICE_ADDR": address, "TASK_DATABASE_URL": database_url_factory(request.param, "tasks")}
-    with running("task_service", env, address, log_dir) as service:
-        yield service
 
 
 class Tasks:
