@@ -127,7 +127,7 @@ class Agent:
         self._model = model
         self._max_steps = max(1, settings.agent_max_steps)
         self._window = min(max(0, settings.agent_history_window), 99)
-        self._tool_schemas = [tool.openai_schema() for tool in tools.TOOLS.values()]
+        self._tool_schemas = [tool.openai_schema() for tool in tools.for_surface("chat")]
         # A turn ends well before the gateway gives up on it, so the client gets our answer.
         self.turn_seconds = min(settings.llm_timeout_seconds * self._max_steps, settings.agent_turn_timeout_seconds)
         self._running: set[asyncio.Task[None]] = set()
@@ -300,7 +300,8 @@ class Agent:
         name = requested.name.replace("\x00", "").strip()[:TOOL_NAME_MAX] or "(no name)"
         try:
             with upstream("task service"):
-                result = await tools.execute(requested.name, requested.arguments, caller, self._tasks)
+                context = tools.ToolContext(caller, self._tasks, self._conversations)
+                result = await tools.execute(requested.name, requested.arguments, context)
         except tools.ToolError as error:
             log.info("tool error", extra={"tool": name, "error": str(error)})
             return history.tool_call(name, arguments, error=str(error))

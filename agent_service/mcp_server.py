@@ -60,17 +60,6 @@ USER_ID_PROPERTY = {
     "type": "string",
     "description": "Optional. The authenticated user's id; tools only ever act on the caller's own tasks.",
 }
-ANNOTATIONS = {
-    "add_task": types.ToolAnnotations(title="Add a task", read_only_hint=False, destructive_hint=False),
-    "list_tasks": types.ToolAnnotations(title="List tasks", read_only_hint=True),
-    "complete_task": types.ToolAnnotations(
-        title="Complete a task", read_only_hint=False, destructive_hint=False, idempotent_hint=True
-    ),
-    "delete_task": types.ToolAnnotations(title="Delete a task", read_only_hint=False, destructive_hint=True),
-    "update_task": types.ToolAnnotations(
-        title="Update a task", read_only_hint=False, destructive_hint=True, idempotent_hint=True
-    ),
-}
 # What a client is told when task_service itself fails (details stay in our logs).
 RPC_FAILURES = {
     grpc.StatusCode.UNAVAILABLE: "the task service is unavailable right now; try again shortly",
@@ -110,9 +99,9 @@ def mcp_tools() -> list[types.Tool]:
             description=tool.description,
             input_schema=mcp_input_schema(tool),
             output_schema=mcp_output_schema(tool),
-            annotations=ANNOTATIONS.get(tool.name),
+            annotations=types.ToolAnnotations(**tool.annotations),
         )
-        for tool in tools.TOOLS.values()
+        for tool in tools.for_surface("mcp")
     ]
 
 
@@ -171,7 +160,8 @@ async def run_tool(
     """One tool call; every failure becomes an error result (isError) with a clear message."""
     try:
         async with asyncio.timeout(TOOL_TIMEOUT_SECONDS):
-            return success_result(await tools.execute(name, arguments, caller, stub))
+            context = tools.ToolContext(caller, stub, source="mcp")
+            return success_result(await tools.execute(name, arguments, context))
     except tools.ToolError as error:
         return error_result(str(error))
     except grpc.aio.AioRpcError as error:

@@ -19,7 +19,7 @@ import openai
 from openai import AsyncStream
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from agent_service.tools import TOOLS as TOOL_DEFINITIONS
+from agent_service import tools
 from bench.report import percentile
 from common.tokens import mint
 from todo.v1 import conversation_pb2, conversation_pb2_grpc, task_pb2, task_pb2_grpc
@@ -39,14 +39,14 @@ def long_history() -> Any:
         call = {"id": f"c{number}", "type": "function", "function": {"name": "add_task", "arguments": '{"title": "t"}'}}
         messages += [
             {"role": "user", "content": f"add task {number}"},
-            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
             {"role": "tool", "tool_call_id": f"c{number}", "content": '{"task_id": 1, "status": "created"}'},
             {"role": "assistant", "content": "Done."},
         ]
     return [*messages, {"role": "user", "content": "Add a task to buy milk"}]
 
 
-AGENT_TOOLS = [tool.openai_schema() for tool in TOOL_DEFINITIONS.values()]  # the five schemas the agent sends
+AGENT_TOOLS = [tool.openai_schema() for tool in tools.for_surface("chat")]  # the schemas the agent sends
 
 
 async def _timed(calls: int, call: Callable[[int], Awaitable[Any]]) -> dict[str, float]:

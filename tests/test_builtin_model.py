@@ -19,7 +19,7 @@ from tests.eval.driver import builtin_client
 from tests.gateway_fixtures import start_gateway
 from tests.support import SECRET, ServiceProcess, free_port
 
-TOOL_SCHEMAS = [tool.openai_schema() for tool in tools.TOOLS.values()]
+TOOL_SCHEMAS = [tool.openai_schema() for tool in tools.for_surface("chat")]
 LISTED = [
     {"id": 1, "title": "Buy milk", "description": "", "completed": False, "created_at": "2026-01-01T00:00:00Z"},
     {"id": 2, "title": "Buy oat milk", "description": "", "completed": False, "created_at": "2026-01-01T00:00:00Z"},

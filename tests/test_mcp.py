@@ -27,14 +27,15 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult
 
+from agent_service import tools as tool_definitions
 from agent_service.mcp_server import transport_security
-from agent_service.tools import TOOLS
 from common.settings import Settings
 from tests.gateway_fixtures import Gateway, start_gateway
 from tests.support import ServiceProcess, auth_metadata, free_port, token
 from todo.v1 import task_pb2, task_pb2_grpc
 
 METADATA_PATH = "/.well-known/oauth-protected-resource/mcp"
+MCP_TOOLS = {tool.name: tool for tool in tool_definitions.for_surface("mcp")}
 JSON_RPC_LIST_TOOLS = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
 MCP_POST_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 
@@ -143,7 +144,7 @@ async def test_tools_are_listed_with_the_schemas_of_tools_py(host: McpHost) -> N
     async with mcp_session(host.base_url + "/mcp", token(user("schema"))) as session:
         listed = {tool.name: tool for tool in (await session.list_tools()).tools}
 
-    assert sorted(listed) == sorted(TOOLS)
+    assert sorted(listed) == sorted(MCP_TOOLS)
     required = {name: tool.input_schema["required"] for name, tool in listed.items()}
     assert required == {
         "add_task": ["title"],
@@ -153,7 +154,7 @@ async def test_tools_are_listed_with_the_schemas_of_tools_py(host: McpHost) -> N
         "update_task": ["task_id"],
     }
     for name, tool in listed.items():
-        definition = TOOLS[name]
+        definition = MCP_TOOLS[name]
         assert tool.description == definition.description
         # Exactly tools.py's schema, plus the optional user_id the hackathon contract lists.
         properties = dict(tool.input_schema["properties"])
@@ -161,11 +162,11 @@ async def test_tools_are_listed_with_the_schemas_of_tools_py(host: McpHost) -> N
         assert {**tool.input_schema, "properties": properties} == definition.input_schema
         assert tool.output_schema is not None and tool.output_schema["type"] == "object"
     for name in ("add_task", "complete_task", "delete_task", "update_task"):
-        assert listed[name].output_schema == TOOLS[name].output_schema
+        assert listed[name].output_schema == MCP_TOOLS[name].output_schema
     list_output = listed["list_tasks"].output_schema
     assert list_output is not None
     assert list_output["required"] == ["tasks"]
-    assert list_output["properties"]["tasks"] == TOOLS["list_tasks"].output_schema
+    assert list_output["properties"]["tasks"] == MCP_TOOLS["list_tasks"].output_schema
     assert listed["list_tasks"].annotations is not None and listed["list_tasks"].annotations.read_only_hint
 
 
@@ -202,7 +203,7 @@ async def test_every_tool_returns_the_api_shapes(host: McpHost) -> None:
 
 async def test_the_modern_protocol_era_works_too(host: McpHost) -> None:
     async with mcp_session(host.base_url + "/mcp", token(user("modern")), modern=True) as session:
-        assert sorted(tool.name for tool in (await session.list_tools()).tools) == sorted(TOOLS)
+        assert sorted(tool.name for tool in (await session.list_tools()).tools) == sorted(MCP_TOOLS)
         added = structured(await session.call_tool("add_task", {"title": "Modern"}))
         assert added == {"task_id": 1, "status": "created", "title": "Modern"}
         assert [t["title"] for t in structured(await session.call_tool("list_tasks", {}))["tasks"]] == ["Modern"]

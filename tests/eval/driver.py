@@ -41,7 +41,7 @@ def _client() -> openai.AsyncOpenAI:
 
 async def _run_tool(name: str, arguments: str, caller: Caller, stub: Any) -> Any:
     try:
-        return await tools.execute(name, arguments, caller, stub)
+        return await tools.execute(name, arguments, tools.ToolContext(caller, stub))
     except tools.ToolError as error:
         return {"error": str(error)}
 
@@ -51,7 +51,7 @@ async def run_turn(
 ) -> tuple[str, list[dict[str, Any]]]:
     """One turn; returns the answer and the messages to append to the history."""
     caller = Caller(user, token)
-    schemas = [tool.openai_schema() for tool in tools.TOOLS.values()]
+    schemas = [tool.openai_schema() for tool in tools.for_surface("chat")]
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, *history, {"role": "user", "content": message}]
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
