@@ -6,6 +6,14 @@ Two modes, chosen by settings:
   when set. Keys are cached per `kid`; a fetch (PyJWKClient is synchronous) runs in a
   thread so the event loop never blocks on the network.
 The allow-list per mode is what stops `alg: none` and HS/RS key confusion.
+
+Beside either (or alone), Better Auth session tokens: with `AUTH_BETTER_AUTH_URL` set, a bearer
+that is not a JWT (not three dot-separated parts) is checked by Better Auth itself
+(common/better_auth.py); the user is the session's `user.id`.
+
+Clients learn only that a token was refused ("invalid or expired token"); the exact reason
+(PyJWT's message, ours) travels in the error's `reason` to the audit log, so a refusal never
+tells a forger which check to work around next.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from dataclasses import dataclass
 
 import jwt
 
+from common.better_auth import SessionVerifier, is_jwt
 from common.errors import PermissionDenied, Unauthenticated, Unavailable
 from common.settings import Settings
 
@@ -24,6 +33,7 @@ SECRET_ALGORITHMS = ["HS256"]
 JWKS_ALGORITHMS = ["EdDSA", "RS256", "ES256"]
 MAX_TOKEN_LENGTH = 8192
 MAX_SUBJECT_LENGTH = 255
+INVALID_TOKEN = "invalid or expired token"
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,9 @@ def authorized_user(requested_user_id: str) -> str:
     """The caller's user id, after checking that a user id named in the request is the caller's."""
     caller = current_caller()
     if requested_user_id and requested_user_id != caller.user_id:
-        raise PermissionDenied("user_id does not match the authenticated user")
+        raise PermissionDenied(
+            "user_id does not match the authenticated user", reason=f"request names user_id {requested_user_id!r}"
+        )
     return caller.user_id
 
 
@@ -65,6 +77,8 @@ def bearer_token(authorization: str | None) -> str:
     """The token of an `Authorization: Bearer <token>` value."""
     if not authorization:
         raise Unauthenticated("missing bearer token")
+    if "," in authorization:  # HTTP joins repeated headers with commas; no token contains one
+        raise Unauthenticated("send one authorization header")
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
@@ -81,7 +95,8 @@ VERIFIED_CACHE_SECONDS = 60.0
 
 
 class TokenVerifier:
-    """Verifies a JWT and returns its subject.
+    """Verifies a bearer token and returns its user: a JWT's subject, or (AUTH_BETTER_AUTH_URL)
+    a Better Auth session's `user.id`.
 
     A chat turn presents the same token to several services and to each several times, so a
     verified token is remembered (by its exact text) for a short while: never past its `exp`,
@@ -94,6 +109,7 @@ class TokenVerifier:
         self._issuer = settings.auth_issuer or None
         self._audience = settings.auth_audience or None
         self._cache_seconds = settings.auth_jwks_cache_seconds
+        self._max_lifetime = settings.auth_max_token_lifetime_seconds
         self._keys: dict[str, tuple[float, object]] = {}
         self._verified: dict[str, tuple[str, float]] = {}  # token -> (subject, monotonic deadline)
         self._verified_seconds = VERIFIED_CACHE_SECONDS
@@ -110,13 +126,26 @@ class TokenVerifier:
         elif settings.better_auth_secret:
             self._algorithms = SECRET_ALGORITHMS
             self._secret = settings.better_auth_secret
+        elif settings.auth_better_auth_url:
+            self._algorithms = []  # Better Auth session tokens only: every JWT is refused
+            self._secret = ""
         else:
-            raise SystemExit("no token verification configured: set BETTER_AUTH_SECRET or AUTH_JWKS_URL")
+            raise SystemExit(
+                "no token verification configured: set BETTER_AUTH_SECRET, AUTH_JWKS_URL or AUTH_BETTER_AUTH_URL"
+            )
+        # Better Auth session tokens (not JWTs), checked by Better Auth: common/better_auth.py.
+        self._sessions: SessionVerifier | None = None
+        if settings.auth_better_auth_url:
+            self._sessions = SessionVerifier(settings.auth_better_auth_url, settings.auth_session_cache_seconds)
 
     async def verify(self, token: str) -> str:
         remembered = self._verified.get(token)
         if remembered is not None and remembered[1] > time.monotonic():
             return remembered[0]
+        if self._sessions is not None and not is_jwt(token):
+            if len(token) > MAX_TOKEN_LENGTH:
+                raise Unauthenticated(INVALID_TOKEN, reason=f"longer than {MAX_TOKEN_LENGTH} characters")
+            return await self._sessions.verify(token)
         subject, expires_at = await self._verify(token)
         self._remember(token, subject, expires_at)
         return subject
@@ -135,7 +164,9 @@ class TokenVerifier:
     async def _verify(self, token: str) -> tuple[str, float]:
         """The token's subject and `exp`, after full verification."""
         if len(token) > MAX_TOKEN_LENGTH:
-            raise Unauthenticated("invalid token: too long")
+            raise Unauthenticated(INVALID_TOKEN, reason=f"longer than {MAX_TOKEN_LENGTH} characters")
+        if not self._algorithms:
+            raise Unauthenticated(INVALID_TOKEN, reason="JWTs are not accepted: only Better Auth session tokens")
         try:
             key = await self._key_for(token)
             claims = jwt.decode(
@@ -147,14 +178,29 @@ class TokenVerifier:
                 audience=self._audience,
                 options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
             )
-        except jwt.ExpiredSignatureError as error:
-            raise Unauthenticated("invalid token: expired") from error
         except (jwt.PyJWTError, ValueError, TypeError) as error:
-            raise Unauthenticated(f"invalid token: {error}") from error
+            raise Unauthenticated(INVALID_TOKEN, reason=f"{type(error).__name__}: {error}") from error
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_LENGTH or _has_control(subject):
-            raise Unauthenticated("invalid token: bad 'sub' claim")
+            raise Unauthenticated(INVALID_TOKEN, reason="bad 'sub' claim")
+        self._check_lifetime(claims)
         return subject, float(claims["exp"])
+
+    def _check_lifetime(self, claims: dict[str, object]) -> None:
+        """Refuse tokens minted to live longer than AUTH_MAX_TOKEN_LIFETIME_SECONDS (a leaked one
+        must not stay usable for months). PyJWT has already checked `exp` and `iat` are numbers."""
+        if self._max_lifetime <= 0:
+            return
+        expires_at = float(claims["exp"])  # type: ignore[arg-type]
+        issued_at = claims.get("iat")
+        if issued_at is not None:
+            lifetime = expires_at - float(issued_at)  # type: ignore[arg-type]
+        else:  # no `iat`: judge from now, allowing the clock skew
+            lifetime = expires_at - time.time() - self._leeway
+        if lifetime > self._max_lifetime:
+            raise Unauthenticated(
+                INVALID_TOKEN, reason=f"lifetime {lifetime:.0f} s exceeds the maximum {self._max_lifetime} s"
+            )
 
     async def _key_for(self, token: str) -> object:
         if self._jwks_client is None:

@@ -6,15 +6,33 @@ import json
 
 import grpc
 
+from common import tracing
 from common.auth import Caller
 
 # A call that finds the service unreachable (restarting, or the channel still in reconnect
-# backoff) is retried for about two seconds before UNAVAILABLE reaches the caller. Only
-# UNAVAILABLE is retried: the request did not get a result, so repeating it is safe.
+# backoff) is retried for about two seconds before UNAVAILABLE reaches the caller. Only calls
+# that are safe to repeat: an UNAVAILABLE can also come after the service did the work and died
+# before answering, and a retried CreateTask then adds the task twice (tests/test_replicas.py saw
+# it). So reads and the writes whose repetition changes nothing; every other call fails at once
+# with UNAVAILABLE, which the turn reports and an Idempotency-Key retry replays safely.
+# (gRPC still retries transparently a call that never left the client.)
+IDEMPOTENT_METHODS = {
+    "todo.v1.TaskService": [
+        "GetTask", "ListTasks", "GetSettings", "ListActivity", "SetTaskCompleted", "UpdateTask", "UpdateSettings",
+    ],
+    "todo.v1.ConversationService": [
+        "GetConversation", "ListConversations", "GetMessage", "GetMessageByRequestId", "GetRecentMessages",
+        "ListMessages", "ListHistory",
+    ],
+}  # fmt: skip
 RETRY_SERVICE_CONFIG = {
     "methodConfig": [
         {
-            "name": [{}],
+            "name": [
+                {"service": service, "method": method}
+                for service, methods in IDEMPOTENT_METHODS.items()
+                for method in methods
+            ],
             "retryPolicy": {
                 "maxAttempts": 5,
                 "initialBackoff": "0.2s",
@@ -45,8 +63,9 @@ def channel(address: str) -> grpc.aio.Channel:
 
 
 def caller_metadata(caller: Caller) -> tuple[tuple[str, str], ...]:
-    """Metadata that makes a downstream call act as `caller` (and keeps the request id)."""
+    """Metadata that makes a downstream call act as `caller` (and keeps the request id, and the
+    trace: the current span's `traceparent` when tracing is on)."""
     metadata = [("authorization", f"Bearer {caller.token}")]
     if caller.request_id:
         metadata.append(("x-request-id", caller.request_id))
-    return tuple(metadata)
+    return (*metadata, *tracing.inject_metadata())

@@ -2,12 +2,20 @@
 
 SQLite (aiosqlite) by default, PostgreSQL (psycopg 3) when the URL says `postgresql+psycopg`.
 Each service has its own alembic history (`<service>/migrations`), applied on start.
+
+PostgreSQL may sit behind a pooler in transaction mode (PgBouncer, Neon's pooled endpoints):
+consecutive transactions of one client connection may then run on different server sessions,
+so nothing on the request path keeps session state. psycopg's automatic server-side prepared
+statements are off (`prepare_threshold=None`), no request sets a session parameter or takes
+an advisory lock. Migrations do need a session (they hold an advisory lock while they run):
+they connect with `<SERVICE>_DATABASE_MIGRATION_URL` (a direct connection) when it is set.
+Query parameters of a URL (`sslmode=require`, `channel_binding`, `options`, ...) go to libpq.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,9 +28,21 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from common import metrics
+from common.settings import Settings
+
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
+
+
+# psycopg's keyword arguments for every service connection (psycopg.AsyncConnection.connect).
+# prepare_threshold=None: never prepare statements on the server. psycopg otherwise prepares a
+# statement on its 6th run on a connection (as "_pg3_0", ...); behind a transaction-mode pooler
+# the next transaction may run on another server session, which then lacks it
+# (InvalidSqlStatementName) or already holds that name from another client (DuplicatePreparedStatement).
+# The cost on a direct connection is a parse and plan per statement, small for these queries.
+POSTGRES_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None}
 
 
 def create_engine(url: str, pool_size: int = 10) -> AsyncEngine:
@@ -42,6 +62,7 @@ def create_engine(url: str, pool_size: int = 10) -> AsyncEngine:
         max_overflow=pool_size,
         pool_pre_ping=True,  # a restarted PostgreSQL costs one failed check, not a failed request
         pool_recycle=1800,
+        connect_args=POSTGRES_CONNECT_ARGS,
     )
 
 
@@ -54,6 +75,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def migration_url(migrations_dir: Path, url: str, environ: Mapping[str, str] | None = None) -> str:
+    """The URL the migrations of `<service>/migrations` run on: `<SERVICE>_DATABASE_MIGRATION_URL`
+    (TASK_DATABASE_MIGRATION_URL for task_service, ...) when set, else the service's own `url`.
+
+    The service URL may be a transaction-mode pooler, which cannot hold the migrations' session-level
+    advisory lock; the migration URL is then a direct connection to the same database."""
+    service = Path(migrations_dir).resolve().parent.name.removesuffix("_service")
+    settings = Settings.load(None if environ is None else dict(environ))
+    configured = getattr(settings, f"{service}_database_migration_url", "")
+    return str(configured) or url
 
 
 def sync_url(url: str) -> str:
@@ -82,9 +115,12 @@ async def migrate(migrations_dir: Path, url: str) -> None:
 
 @asynccontextmanager
 async def migrated_engine(migrations_dir: Path, url: str, pool_size: int) -> AsyncIterator[AsyncEngine]:
-    """A service's database for as long as it serves: migrated to head first, disposed after."""
-    await migrate(migrations_dir, url)
+    """A service's database for as long as it serves: migrated to head first, disposed after.
+
+    Migrations run on the service's migration URL when one is set (see `migration_url`)."""
+    await migrate(migrations_dir, migration_url(migrations_dir, url))
     engine = create_engine(url, pool_size)
+    metrics.watch_pool(engine)  # todo_db_pool_* gauges, read from the pool at scrape time
     try:
         yield engine
     finally:

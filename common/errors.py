@@ -10,13 +10,22 @@ from __future__ import annotations
 import grpc
 from sqlalchemy import exc as sa_exc
 
+# A status message travels as the grpc-message trailer: one far longer than this would break
+# the HTTP/2 connection it shares with other calls (Envoy resets it as a protocol error).
+MAX_MESSAGE_CHARS = 2000
+
 
 class ServiceError(Exception):
+    """`message` is what the client reads; `reason`, when given, is the exact cause for our logs only."""
+
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, reason: str = "") -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
         super().__init__(message)
         self.message = message
+        self.reason = reason or message
 
 
 class InvalidArgument(ServiceError):

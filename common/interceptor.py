@@ -1,9 +1,11 @@
 """The one server interceptor: authenticates every call, names the caller, maps errors, logs.
 
 For each RPC (health and reflection excepted) it reads `authorization` from the metadata,
-verifies the bearer token, and runs the handler with the `Caller` and request id in context
+verifies the bearer token, spends the caller's rate-limit budget for the method
+(common/ratelimit.py), and runs the handler with the `Caller` and request id in context
 variables. Handlers raise `common.errors.ServiceError`s; this is the single place that turns
-them (and database outages) into gRPC statuses. Every call leaves one access-log line.
+them (and database outages) into gRPC statuses. Every call leaves one access-log line; refusals
+of identity, permission and budget also leave an `audit` record with their exact reason.
 """
 
 from __future__ import annotations
@@ -19,13 +21,27 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from common import auth, logs
-from common.errors import InvalidArgument, ServiceError, Unauthenticated, status_for
+from common import audit, auth, logs, ratelimit
+from common.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    status_for,
+)
 
 log = logging.getLogger("rpc")
 
 # Calls that need no token: probes and introspection.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# The metadata our services read (the agent reads idempotency-key); each is checked here.
+READ_HEADERS = ("authorization", "x-request-id", "idempotency-key")
+AUDITED_REFUSALS: dict[type[ServiceError], str] = {
+    Unauthenticated: "auth_refused",
+    PermissionDenied: "permission_denied",
+    ResourceExhausted: "rate_limited",
+}
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -41,10 +57,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
             return handler
-        metadata = {key: value for key, value in handler_call_details.invocation_metadata or ()}
-        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)
+        headers = read_headers(handler_call_details.invocation_metadata or ())
+        request_id = _first(headers, "x-request-id")
+        if not request_id or not _printable_ascii(request_id):
+            request_id = uuid.uuid4().hex  # a bad one is refused below, under a fresh id
         try:
-            token = auth.bearer_token(_text(metadata.get("authorization")))
+            check_headers(headers)
+            token = auth.bearer_token(_first(headers, "authorization"))
             user_id = await self._verifier.verify(token)
             caller: auth.Caller | ServiceError = auth.Caller(user_id=user_id, token=token, request_id=request_id)
         except ServiceError as error:
@@ -52,8 +71,36 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, method, caller, request_id)
 
 
-def _text(value: str | bytes | None) -> str | None:
-    return value.decode("latin-1") if isinstance(value, bytes) else value
+def read_headers(metadata: Any) -> dict[str, list[str]]:
+    """Every value of each of READ_HEADERS in the call's metadata."""
+    values: dict[str, list[str]] = {}
+    for key, value in metadata:
+        if key in READ_HEADERS:
+            values.setdefault(key, []).append(value.decode("latin-1") if isinstance(value, bytes) else value)
+    return values
+
+
+def check_headers(headers: dict[str, list[str]]) -> None:
+    """Refuse what we cannot read unambiguously.
+
+    Only printable ASCII is accepted: grpc decodes a value that is not UTF-8 as latin-1 (after
+    logging a traceback, which common.logs silences), so what arrives as text can no longer be
+    told apart from real text. Several `authorization` values would let a proxy and this service
+    disagree about who is calling."""
+    for key, found in headers.items():
+        if not all(_printable_ascii(value) for value in found):
+            raise InvalidArgument(f"the {key} header must be printable ASCII")
+    if len(headers.get("authorization", ())) > 1:
+        raise Unauthenticated("send one authorization header")
+
+
+def _first(headers: dict[str, list[str]], key: str) -> str | None:
+    values = headers.get(key)
+    return values[0] if values else None
+
+
+def _printable_ascii(value: str) -> bool:
+    return all(" " <= char <= "~" for char in value)
 
 
 def _wrap(
@@ -123,6 +170,7 @@ class _CallScope:
                 self._log(grpc.StatusCode.CANCELLED)
                 return False
             if error is not None and not _is_abort(error):
+                self._audit(error)
                 mapped = status_for(error)
                 if mapped is None:
                     log.error("unhandled error in %s", self.method, exc_info=(exc_type, error, tb))  # type: ignore[arg-type]
@@ -136,10 +184,21 @@ class _CallScope:
 
     async def _abort(self, error: ServiceError) -> None:
         self._log(error.code)
+        self._audit(error)
         if isinstance(error, Unauthenticated):
             self.context.set_trailing_metadata((("www-authenticate", 'Bearer error="invalid_token"'),))
+        elif getattr(error, "retry_after_seconds", None):  # the verifier's upstream (Better Auth) is down
+            self.context.set_trailing_metadata((("retry-after", str(error.retry_after_seconds)),))  # type: ignore[attr-defined]
         logs.request_id_var.reset(self.tokens[0])
         await self.context.abort(error.code, error.message)
+
+    def _audit(self, error: BaseException) -> None:
+        if not isinstance(error, ServiceError):
+            return
+        event = next((name for kind, name in AUDITED_REFUSALS.items() if isinstance(error, kind)), None)
+        if event is not None:
+            user = self.caller.user_id if isinstance(self.caller, auth.Caller) else None
+            audit.record(event, surface="grpc", method=self.method, user=user, reason=error.reason)
 
     def _log(self, code: grpc.StatusCode | int) -> None:
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
@@ -157,6 +216,7 @@ def _unary(behavior: Callable[..., Any], method: str, caller: auth.Caller | Serv
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _CallScope(method, caller, request_id, context):
             _refuse_undecodable(request)
+            await ratelimit.charge(method, context)
             return await behavior(request, context)
 
     return handle
@@ -169,6 +229,7 @@ def _streaming(behavior: Callable[..., Any], method: str, caller: auth.Caller | 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _CallScope(method, caller, request_id, context):
             _refuse_undecodable(request)
+            await ratelimit.charge(method, context)
             async for response in behavior(request, context):
                 yield response
 

@@ -1,9 +1,9 @@
 """Per-user rate limits: a GCRA budget per (user, bucket), in process or shared through Redis.
 
-Buckets: "writes" (task create/update/complete/delete) and "chat" (agent turns), each
-`RATE_LIMIT_*_PER_MINUTE` per user, with bursts up to the whole minute's budget. A refused call
-answers RESOURCE_EXHAUSTED (HTTP 429 through the gateway) with `retry-after: <seconds>` in its
-trailing metadata.
+Buckets: "writes" (task create/update/complete/delete), "reads" (get/list of tasks,
+conversations and messages) and "chat" (agent turns), each `RATE_LIMIT_*_PER_MINUTE` per user,
+with bursts up to the whole minute's budget. A refused call answers RESOURCE_EXHAUSTED (HTTP 429
+through the gateway) with `retry-after: <seconds>` in its trailing metadata.
 
 GCRA (the generic cell rate algorithm, a token bucket stored as one timestamp): each key holds
 the "theoretical arrival time" (TAT). A call is allowed when now >= TAT + interval - period;
@@ -12,23 +12,23 @@ does the read-check-write atomically on the Redis server, with the Redis server'
 replica draws from the same budget. When Redis is unreachable the limiter lets calls through
 (availability over strictness) and logs a warning; it retries Redis after a short pause.
 
-Wiring: `configure(settings)` once at service start (common/server.py does it), and
-`@rate_limited("writes")` on servicer methods (after the auth interceptor has set the caller).
+Wiring: `configure(settings)` once at service start (common/server.py does it); the auth
+interceptor calls `charge(method, context)` for every authenticated call, and METHOD_BUCKETS below
+says which budget each RPC spends: the one table to extend when an RPC is added.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from common import metrics
 from common.auth import current_caller
 from common.errors import ResourceExhausted
 from common.settings import Settings
@@ -39,6 +39,35 @@ PERIOD_SECONDS = 60.0
 REDIS_TIMEOUT_SECONDS = 0.5  # a slow Redis must not slow every write down
 REDIS_RETRY_PAUSE_SECONDS = 5.0  # after a Redis failure, fail open without asking it for this long
 MAX_LOCAL_KEYS = 100_000  # the in-process store prunes idle keys beyond this
+
+# The budget each RPC spends; an RPC not listed spends none. GetRecentMessages and
+# GetMessageByRequestId are steps of a chat turn (already counted as "chat"): charging them as
+# reads would let a burst of reads break a turn half-way. AppendMessage and the conversation
+# writes likewise happen inside turns.
+METHOD_BUCKETS = {
+    "/todo.v1.TaskService/CreateTask": "writes",
+    "/todo.v1.TaskService/UpdateTask": "writes",
+    "/todo.v1.TaskService/SetTaskCompleted": "writes",
+    "/todo.v1.TaskService/DeleteTask": "writes",
+    "/todo.v1.TaskService/UpdateSettings": "writes",
+    "/todo.v1.TaskService/Undo": "writes",
+    # What a client writes to its conversations directly (the agent's own appends are chat turns).
+    "/todo.v1.ConversationService/StartConversation": "writes",
+    "/todo.v1.ConversationService/RecordMessage": "writes",
+    "/todo.v1.ConversationService/UpdateConversation": "writes",
+    "/todo.v1.ConversationService/DeleteConversation": "writes",
+    "/todo.v1.TaskService/GetTask": "reads",
+    "/todo.v1.TaskService/ListTasks": "reads",
+    "/todo.v1.TaskService/GetSettings": "reads",
+    "/todo.v1.TaskService/ListActivity": "reads",
+    "/todo.v1.ConversationService/GetConversation": "reads",
+    "/todo.v1.ConversationService/ListConversations": "reads",
+    "/todo.v1.ConversationService/GetMessage": "reads",
+    "/todo.v1.ConversationService/ListMessages": "reads",
+    "/todo.v1.ConversationService/ListHistory": "reads",
+    "/todo.v1.AgentService/Chat": "chat",
+    "/todo.v1.AgentService/ChatStream": "chat",
+}
 
 # KEYS[1]: the budget's key. ARGV: interval and period in microseconds.
 # Returns 0 when allowed, else the microseconds until the next call would be allowed.
@@ -143,7 +172,11 @@ def limiter_from(settings: Settings) -> RateLimiter:
         store = RedisStore(settings.rate_limit_redis_url, settings.rate_limit_key_prefix)
     else:
         store = LocalStore()
-    limits = {"writes": settings.rate_limit_writes_per_minute, "chat": settings.rate_limit_chat_per_minute}
+    limits = {
+        "writes": settings.rate_limit_writes_per_minute,
+        "reads": settings.rate_limit_reads_per_minute,
+        "chat": settings.rate_limit_chat_per_minute,
+    }
     return RateLimiter(store, limits)
 
 
@@ -169,39 +202,16 @@ async def close() -> None:
         _limiter = None
 
 
-async def enforce(bucket: str, context: Any) -> None:
-    """Spend one unit of the caller's `bucket` budget, or refuse with RESOURCE_EXHAUSTED + retry-after."""
-    user_id = current_caller().user_id
-    wait_seconds = await limiter().check(bucket, user_id)
+async def charge(method: str, context: Any) -> None:
+    """Spend one unit of the caller's budget for `method` (METHOD_BUCKETS), or refuse with
+    RESOURCE_EXHAUSTED and `retry-after` seconds in the trailing metadata."""
+    bucket = METHOD_BUCKETS.get(method)
+    if bucket is None:
+        return
+    wait_seconds = await limiter().check(bucket, current_caller().user_id)
     if wait_seconds <= 0:
         return
     retry_after = max(1, math.ceil(wait_seconds))
+    metrics.rate_limited(bucket)
     context.set_trailing_metadata((("retry-after", str(retry_after)),))
     raise ResourceExhausted(f"rate limit exceeded for {bucket}; retry after {retry_after} s")
-
-
-Method = TypeVar("Method", bound=Callable[..., Any])
-
-
-def rate_limited(bucket: str) -> Callable[[Method], Method]:
-    """Decorate a servicer method `(self, request, context)` (unary or async-generator streaming)."""
-
-    def decorate(method: Method) -> Method:
-        if inspect.isasyncgenfunction(method):
-
-            @functools.wraps(method)
-            async def streaming(self: Any, request: Any, context: Any) -> Any:
-                await enforce(bucket, context)
-                async for response in method(self, request, context):
-                    yield response
-
-            return streaming  # type: ignore[return-value]
-
-        @functools.wraps(method)
-        async def unary(self: Any, request: Any, context: Any) -> Any:
-            await enforce(bucket, context)
-            return await method(self, request, context)
-
-        return unary  # type: ignore[return-value]
-
-    return decorate

@@ -1,9 +1,12 @@
 """One server bootstrap for every gRPC service.
 
-`run_service(...)` configures logging, builds a grpc.aio server with the auth interceptor,
-the standard health service and reflection, lets the service register its servicer, and
-serves until SIGTERM/SIGINT. On a signal it first reports NOT_SERVING (so load balancers and
-/readyz stop sending work), then gives in-flight calls `GRPC_SHUTDOWN_GRACE_SECONDS` to finish.
+`run_service(...)` configures logging, builds a grpc.aio server with the metrics interceptor
+(outermost: it sees every call's final status) and the auth interceptor, the standard health
+service and reflection, lets the service register its servicer, and serves until SIGTERM/SIGINT.
+Beside it: Prometheus metrics on the service's metrics port and, when OTEL_EXPORTER_OTLP_ENDPOINT
+is set, tracing (common/metrics.py, common/tracing.py). On a signal it first reports NOT_SERVING
+(so load balancers and /readyz stop sending work), then gives in-flight calls
+`GRPC_SHUTDOWN_GRACE_SECONDS` to finish.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common import ratelimit
+from common import metrics, ratelimit, tracing
 from common.auth import TokenVerifier
 from common.interceptor import AuthInterceptor
 from common.logs import configure_logging
@@ -37,7 +40,8 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 def build_server(settings: Settings) -> grpc.aio.Server:
     return grpc.aio.server(
-        interceptors=[AuthInterceptor(TokenVerifier(settings))],
+        # In this order: metrics (and the trace span) around everything the auth interceptor does.
+        interceptors=[metrics.MetricsInterceptor(), AuthInterceptor(TokenVerifier(settings))],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_metadata_size", 16 * 1024),
@@ -48,8 +52,12 @@ def build_server(settings: Settings) -> grpc.aio.Server:
 
 async def serve(name: str, service_names: list[str], address: str, lifespan: Lifespan, settings: Settings) -> None:
     """Serve `service_names` on the port of `address` until a shutdown signal."""
+    tracing.configure(name, settings)
     server = build_server(settings)
     ratelimit.configure(settings)
+    metrics_server = metrics.serve_http(name, settings)
+    if metrics_server is not None:
+        log.info("metrics", extra={"service": name, "address": metrics_server.address})
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -71,6 +79,9 @@ async def serve(name: str, service_names: list[str], address: str, lifespan: Lif
         await _set_serving(health_servicer, service_names, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(settings.grpc_shutdown_grace_seconds)
         await ratelimit.close()
+    if metrics_server is not None:
+        metrics_server.stop()
+    tracing.shutdown()
     log.info("stopped", extra={"service": name})
 
 

@@ -49,6 +49,17 @@ class Settings:
         "",
         "conversation_service's database; default `sqlite+aiosqlite:///$STATE_DIR/conversations.db`.",
     )
+    task_database_migration_url: str = setting(
+        "TASK_DATABASE_MIGRATION_URL",
+        "",
+        "Direct (unpooled) connection for task_service's migrations, when TASK_DATABASE_URL is a "
+        "transaction-mode pooler (PgBouncer, Neon's `-pooler` host); empty = TASK_DATABASE_URL.",
+    )
+    conversation_database_migration_url: str = setting(
+        "CONVERSATION_DATABASE_MIGRATION_URL",
+        "",
+        "Direct (unpooled) connection for conversation_service's migrations; empty = CONVERSATION_DATABASE_URL.",
+    )
     database_pool_size: int = setting("DATABASE_POOL_SIZE", 10, "Connections per service process (PostgreSQL).")
 
     # Identity.
@@ -62,6 +73,23 @@ class Settings:
     auth_audience: str = setting("AUTH_AUDIENCE", "", "Required `aud` in JWKS mode, if set.")
     auth_leeway_seconds: int = setting("AUTH_LEEWAY_SECONDS", 30, "Clock skew allowed on `exp`/`nbf`/`iat`.")
     auth_jwks_cache_seconds: int = setting("AUTH_JWKS_CACHE_SECONDS", 300, "How long fetched JWKS keys are cached.")
+    auth_max_token_lifetime_seconds: int = setting(
+        "AUTH_MAX_TOKEN_LIFETIME_SECONDS",
+        86400,
+        "Longest token lifetime accepted: `exp` - `iat` (or `exp` - now, without `iat`); 0 = no limit.",
+    )
+    auth_better_auth_url: str = setting(
+        "AUTH_BETTER_AUTH_URL",
+        "",
+        "Better Auth's base URL (e.g. `http://127.0.0.1:3000`); when set, a bearer that is not a JWT is a "
+        "session token, checked with `GET <url>/api/auth/get-session` (its `bearer` plugin).",
+    )
+    auth_session_cache_seconds: int = setting(
+        "AUTH_SESSION_CACHE_SECONDS",
+        30,
+        "How long a Better Auth session check is remembered (never past the session's `expiresAt`): "
+        "a signed-out session is refused at most this long after; 0 = ask every time.",
+    )
     page_token_secret: str = setting(
         "PAGE_TOKEN_SECRET", "", "Key that signs page tokens; defaults to BETTER_AUTH_SECRET, else random per process."
     )
@@ -79,6 +107,15 @@ class Settings:
         "Bound on a whole chat turn (all model steps and tools); the gateway's chat route allows 20 s more.",
     )
     agent_history_window: int = setting("AGENT_HISTORY_WINDOW", 20, "Earlier messages sent to the model each turn.")
+    agent_max_tool_calls_per_step: int = setting(
+        "AGENT_MAX_TOOL_CALLS_PER_STEP", 20, "Tool calls run from one model step; the rest become tool errors."
+    )
+    agent_max_tool_calls_per_turn: int = setting(
+        "AGENT_MAX_TOOL_CALLS_PER_TURN", 50, "Tool calls run in one chat turn, all steps together."
+    )
+    agent_tool_concurrency: int = setting(
+        "AGENT_TOOL_CONCURRENCY", 4, "Tool calls of one step that run at the same time."
+    )
     agent_http_host: str = setting("AGENT_HTTP_HOST", "127.0.0.1", "Interface of the agent's HTTP server (MCP).")
     agent_http_port: int = setting("AGENT_HTTP_PORT", 8001, "Port of the agent's HTTP server (MCP at /mcp).")
     mcp_allowed_hosts: str = setting(
@@ -92,13 +129,50 @@ class Settings:
 
     # The gateway.
     gateway_port: int = setting("GATEWAY_PORT", 8080, "Port of the REST gateway (Envoy).")
+    gateway_tls_cert: str = setting(
+        "GATEWAY_TLS_CERT",
+        "",
+        "PEM certificate chain file; with GATEWAY_TLS_KEY the gateway serves HTTPS only (HTTP/2 and "
+        "HTTP/1.1 by ALPN) on GATEWAY_PORT. Paths as Envoy sees them (in containers, the mounted file).",
+    )
+    gateway_tls_key: str = setting("GATEWAY_TLS_KEY", "", "PEM private key file of GATEWAY_TLS_CERT.")
     cors_allowed_origins: str = setting(
         "CORS_ALLOWED_ORIGINS", "http://localhost:3000", "Comma-separated origins allowed by CORS."
     )
 
+    # Operations: metrics (common/metrics.py) and tracing (common/tracing.py), see OPERATIONS.md.
+    task_metrics_port: int = setting("TASK_METRICS_PORT", 9101, "task_service's Prometheus `/metrics` port; 0 = off.")
+    conversation_metrics_port: int = setting(
+        "CONVERSATION_METRICS_PORT", 9102, "conversation_service's Prometheus `/metrics` port; 0 = off."
+    )
+    agent_metrics_port: int = setting(
+        "AGENT_METRICS_PORT", 9103, "agent_service's Prometheus `/metrics` port; 0 = off."
+    )
+    metrics_bind_host: str = setting(
+        "METRICS_BIND_HOST",
+        "",
+        "Interface the metrics ports bind; empty = GRPC_BIND_HOST. Never exposed by the gateway.",
+    )
+    envoy_admin_port: int = setting(
+        "ENVOY_ADMIN_PORT", 9901, "Envoy's admin port on 127.0.0.1 (Prometheus at `/stats/prometheus`); 0 = no admin."
+    )
+    otel_exporter_otlp_endpoint: str = setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "",
+        "OTLP/gRPC collector for traces (e.g. `http://127.0.0.1:4317`); empty = tracing off, at no cost.",
+    )
+
     # Per-user rate limits (common/ratelimit.py).
     rate_limit_writes_per_minute: int = setting(
-        "RATE_LIMIT_WRITES_PER_MINUTE", 120, "Task writes (create/update/complete/delete) per user per minute; 0 = off."
+        "RATE_LIMIT_WRITES_PER_MINUTE",
+        120,
+        "Writes per user per minute: task create/update/complete/delete, undo, settings, and the "
+        "conversations and messages a client records itself; 0 = off.",
+    )
+    rate_limit_reads_per_minute: int = setting(
+        "RATE_LIMIT_READS_PER_MINUTE",
+        600,
+        "Task and conversation reads (get/list tasks, conversations, messages) per user per minute; 0 = off.",
     )
     rate_limit_chat_per_minute: int = setting(
         "RATE_LIMIT_CHAT_PER_MINUTE", 30, "Chat turns per user per minute; 0 = off."
@@ -144,6 +218,11 @@ def _convert(raw: str, kind: type, env: str) -> Any:
 def port_of(addr: str) -> int:
     """The port of a host:port address."""
     return int(addr.rsplit(":", 1)[1])
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a Settings field ("gateway_port" -> "GATEWAY_PORT")."""
+    return str(Settings.__dataclass_fields__[field_name].metadata["env"])
 
 
 def documented_settings() -> list[tuple[str, Any, str]]:

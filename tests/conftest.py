@@ -6,6 +6,7 @@ skip), so CI cannot go green without having run them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from tests.support import (
 )
 
 BACKENDS = ["sqlite", "postgres"]
+
+# Services started by tests serve no metrics unless the test gives them a port (free_ports_env
+# does, for whole stacks): the defaults (9101-9103) would collide between stacks running at once.
+for _metrics_port in ("TASK_METRICS_PORT", "CONVERSATION_METRICS_PORT", "AGENT_METRICS_PORT"):
+    os.environ.setdefault(_metrics_port, "0")
 
 
 @pytest.fixture(scope="session")

@@ -83,11 +83,16 @@ class Gateway:
 
 
 # For suites that send far more requests per user than any sane limit (fuzzing, soak, abuse).
-NO_RATE_LIMITS = {"RATE_LIMIT_WRITES_PER_MINUTE": "0", "RATE_LIMIT_CHAT_PER_MINUTE": "0"}
+NO_RATE_LIMITS = {
+    "RATE_LIMIT_WRITES_PER_MINUTE": "0",
+    "RATE_LIMIT_READS_PER_MINUTE": "0",
+    "RATE_LIMIT_CHAT_PER_MINUTE": "0",
+}
 
 
 def free_ports_env() -> dict[str, str]:
-    """Every listening port of a stack (gateway, three gRPC services, the agent's HTTP) on a free loopback port."""
+    """Every listening port of a stack (gateway, three gRPC services, the agent's HTTP, the metrics
+    ports, Envoy's admin) on a free loopback port."""
     gateway_port = free_port()
     return {
         "GATEWAY_PORT": str(gateway_port),
@@ -96,6 +101,10 @@ def free_ports_env() -> dict[str, str]:
         "CONVERSATION_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
         "AGENT_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
         "AGENT_HTTP_PORT": str(free_port()),
+        "TASK_METRICS_PORT": str(free_port()),
+        "CONVERSATION_METRICS_PORT": str(free_port()),
+        "AGENT_METRICS_PORT": str(free_port()),
+        "ENVOY_ADMIN_PORT": str(free_port()),
     }
 
 

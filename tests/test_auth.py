@@ -5,6 +5,8 @@
   AUTH_ISSUER/AUTH_AUDIENCE enforced.
 Every refusal is UNAUTHENTICATED with a `www-authenticate: Bearer ...` trailer, and a refused
 call writes nothing. A `user_id` in the request that is not the token's `sub` is PERMISSION_DENIED.
+A client reads only a generic "invalid or expired token"; the exact reason is in the service's
+`audit` log record (found here by the call's x-request-id).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import sys
 import threading
 import time
 import uuid
@@ -29,8 +33,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from common.auth import INVALID_TOKEN
 from tests.conftest import BACKENDS
-from tests.support import SECRET, ServiceProcess, free_port, running, token
+from tests.support import ROOT, SECRET, ServiceProcess, free_port, running, token
 from todo.v1 import task_pb2, task_pb2_grpc
 
 TIMEOUT = 30
@@ -178,19 +183,37 @@ def jwks_service(
 
 @dataclass
 class Caller:
-    """Calls TaskService with whatever `authorization` value a test hands it."""
+    """Calls TaskService with whatever `authorization` value a test hands it.
+
+    Each call carries a fresh x-request-id, so the audit record of the last call can be found."""
 
     stub: task_pb2_grpc.TaskServiceStub
+    service: ServiceProcess
+    last_request_id: str = ""
 
     async def list(self, authorization: str | None, user_id: str = "") -> task_pb2.ListTasksResponse:
         return await self.stub.ListTasks(
-            task_pb2.ListTasksRequest(user_id=user_id), metadata=_metadata(authorization), timeout=TIMEOUT
+            task_pb2.ListTasksRequest(user_id=user_id), metadata=self._metadata(authorization), timeout=TIMEOUT
         )
 
     async def create(self, authorization: str | None, title: str = "a task") -> task_pb2.Task:
         return await self.stub.CreateTask(
-            task_pb2.CreateTaskRequest(title=title), metadata=_metadata(authorization), timeout=TIMEOUT
+            task_pb2.CreateTaskRequest(title=title), metadata=self._metadata(authorization), timeout=TIMEOUT
         )
+
+    def _metadata(self, authorization: str | None) -> tuple[tuple[str, str], ...]:
+        self.last_request_id = uuid.uuid4().hex
+        return (("x-request-id", self.last_request_id), *_metadata(authorization))
+
+    def audit(self) -> dict[str, Any]:
+        """The one audit record the service logged for the last call."""
+        return one_audit_record(self.service, self.last_request_id)
+
+    def reason(self) -> str:
+        """Why the last call was refused, as the audit log says."""
+        record = self.audit()
+        assert record["event"] == "auth_refused", record
+        return str(record["reason"])
 
     async def refused(self, authorization: str | None) -> grpc.aio.AioRpcError:
         """The error of a read and of a write with this authorization (they must agree)."""
@@ -210,16 +233,32 @@ def bearer(value: str) -> str:
     return f"Bearer {value}"
 
 
+def audit_records(service: ServiceProcess, request_id: str) -> list[dict[str, Any]]:
+    records = []
+    for line in service.log_path.read_text(errors="replace").splitlines():
+        if request_id in line and line.startswith("{"):
+            record = json.loads(line)
+            if record.get("logger") == "audit" and record.get("request_id") == request_id:
+                records.append(record)
+    return records
+
+
+def one_audit_record(service: ServiceProcess, request_id: str) -> dict[str, Any]:
+    records = audit_records(service, request_id)
+    assert len(records) == 1, records
+    return records[0]
+
+
 @pytest.fixture
 async def on_secret(secret_service: ServiceProcess) -> AsyncIterator[Caller]:
     async with grpc.aio.insecure_channel(secret_service.address) as channel:
-        yield Caller(task_pb2_grpc.TaskServiceStub(channel))
+        yield Caller(task_pb2_grpc.TaskServiceStub(channel), secret_service)
 
 
 @pytest.fixture
 async def on_jwks(jwks_service: ServiceProcess) -> AsyncIterator[Caller]:
     async with grpc.aio.insecure_channel(jwks_service.address) as channel:
-        yield Caller(task_pb2_grpc.TaskServiceStub(channel))
+        yield Caller(task_pb2_grpc.TaskServiceStub(channel), jwks_service)
 
 
 def new_user_id() -> str:
@@ -281,7 +320,8 @@ async def test_alg_none_is_unauthenticated(on_secret: Caller, alg: str) -> None:
 async def test_other_algorithms_are_refused_in_secret_mode(on_secret: Caller, jwks_keys: dict[str, SigningKey]) -> None:
     user_id = new_user_id()
     hs512 = jwt.encode(claims_for(user_id), SECRET, algorithm="HS512")  # the right secret, not HS256
-    assert_unauthenticated(await on_secret.refused(bearer(hs512)), "alg")
+    assert_unauthenticated(await on_secret.refused(bearer(hs512)), INVALID_TOKEN)
+    assert "alg" in on_secret.reason()
     for key in jwks_keys.values():
         assert_unauthenticated(await on_secret.refused(bearer(key.sign(claims_for(user_id)))))
 
@@ -395,7 +435,8 @@ async def test_jwks_mode_enforces_issuer_audience_and_exp(
 ) -> None:
     claims = claims_for(new_user_id(), **{"iss": ISSUER, "aud": AUDIENCE, **changes})
     for key in jwks_keys.values():
-        assert_unauthenticated(await on_jwks.refused(bearer(key.sign(claims))), detail)
+        assert_unauthenticated(await on_jwks.refused(bearer(key.sign(claims))), INVALID_TOKEN)
+        assert detail in on_jwks.reason().lower()
 
 
 async def test_jwks_mode_refuses_expired_tokens(on_jwks: Caller, jwks_keys: dict[str, SigningKey]) -> None:
@@ -413,10 +454,12 @@ async def test_jwks_mode_refuses_hs256_key_confusion(on_jwks: Caller, jwks_keys:
             return hmac.new(pem, data, hashlib.sha256).digest()
 
         confused = handmade_token({"alg": "HS256", "typ": "JWT", "kid": rsa_key.kid}, claims, sign=hmac_with_pem)
-        assert_unauthenticated(await on_jwks.refused(bearer(confused)), "alg")
+        assert_unauthenticated(await on_jwks.refused(bearer(confused)), INVALID_TOKEN)
+        assert "alg" in on_jwks.reason()
     # And the shared secret, still in the environment, means nothing in JWKS mode.
     with_secret = jwt.encode(claims, SECRET, algorithm="HS256", headers={"kid": rsa_key.kid})
-    assert_unauthenticated(await on_jwks.refused(bearer(with_secret)), "alg")
+    assert_unauthenticated(await on_jwks.refused(bearer(with_secret)), INVALID_TOKEN)
+    assert "alg" in on_jwks.reason()
 
 
 async def test_jwks_mode_refuses_alg_none(on_jwks: Caller, jwks_keys: dict[str, SigningKey]) -> None:
@@ -429,7 +472,8 @@ async def test_jwks_mode_refuses_unknown_or_missing_kid(on_jwks: Caller, jwks_ke
     claims = claims_for(new_user_id(), iss=ISSUER, aud=AUDIENCE)
     assert_unauthenticated(await on_jwks.refused(bearer(jwks_keys["EdDSA"].sign(claims, kid="no-such-key"))))
     no_kid = jwt.encode(claims, jwks_keys["EdDSA"].private, algorithm="EdDSA")
-    assert_unauthenticated(await on_jwks.refused(bearer(no_kid)), "kid")
+    assert_unauthenticated(await on_jwks.refused(bearer(no_kid)), INVALID_TOKEN)
+    assert "kid" in on_jwks.reason()
 
 
 async def test_jwks_mode_refuses_a_signature_by_another_key(on_jwks: Caller, jwks_keys: dict[str, SigningKey]) -> None:
@@ -476,7 +520,7 @@ def rotating_service(
 @pytest.fixture
 async def on_rotating(rotating_service: ServiceProcess) -> AsyncIterator[Caller]:
     async with grpc.aio.insecure_channel(rotating_service.address) as channel:
-        yield Caller(task_pb2_grpc.TaskServiceStub(channel))
+        yield Caller(task_pb2_grpc.TaskServiceStub(channel), rotating_service)
 
 
 async def test_without_configured_issuer_or_audience_any_are_accepted(
@@ -546,3 +590,108 @@ async def test_a_remembered_token_does_not_vouch_for_a_tampered_copy() -> None:
     forged_payload = base64.urlsafe_b64encode(json.dumps({**claims, "sub": "victim"}).encode()).decode().rstrip("=")
     with pytest.raises(Unauthenticated):
         await verifier.verify(f"{header}.{forged_payload}.{signature}")
+
+
+# --- what a refusal tells the client, and what the audit log keeps ------------------------
+
+PYJWT_PHRASES = ("Signature verification failed", "Not enough segments", "alg value is not allowed", "padding")
+
+
+async def test_pyjwt_messages_never_reach_the_client_and_the_reason_is_audited(on_secret: Caller) -> None:
+    user_id = new_user_id()
+    forged = token(user_id, secret="another-secret-" + "y" * 32)
+    cases = {
+        forged: "Signature verification failed",
+        "a.b": "Not enough segments",
+        "a.b.c": "Invalid header padding",
+        handmade_token({"alg": "none"}, claims_for(user_id), sign=None): "alg value is not allowed",
+        jwt.encode(claims_for(user_id, ttl_seconds=-3600), SECRET, algorithm="HS256"): "Signature has expired",
+    }
+    for bad, reason in cases.items():
+        refused = await on_secret.refused(bearer(bad))
+        assert_unauthenticated(refused)
+        assert refused.details() == INVALID_TOKEN, refused.details()
+        record = on_secret.audit()
+        assert record["event"] == "auth_refused" and record["surface"] == "grpc", record
+        assert record["method"] == "/todo.v1.TaskService/CreateTask", record
+        assert reason in record["reason"], record
+        assert bad not in json.dumps(record), "the audit record holds the token"
+    log_text = on_secret.service.log_path.read_text()
+    assert forged not in log_text and forged.split(".")[2] not in log_text, "a token reached the log"
+
+
+async def test_a_path_user_other_than_the_caller_is_audited_as_permission_denied(on_secret: Caller) -> None:
+    alice, bob = new_user_id(), new_user_id()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await on_secret.list(bearer(token(alice)), user_id=bob)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    record = on_secret.audit()
+    assert record["event"] == "permission_denied", record
+    assert record["user"] == alice and bob in record["reason"], record
+    assert record["method"] == "/todo.v1.TaskService/ListTasks", record
+
+
+async def test_more_than_one_authorization_value_is_refused(on_secret: Caller) -> None:
+    alice, bob = new_user_id(), new_user_id()
+    await on_secret.create(bearer(token(alice)), "alice's")
+    twice = (("authorization", bearer(token(bob))), ("authorization", bearer(token(alice))))
+    stub = on_secret.stub
+    for method, request in (
+        (stub.ListTasks, task_pb2.ListTasksRequest()),
+        (stub.CreateTask, task_pb2.CreateTaskRequest(title="planted")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await method(request, metadata=twice, timeout=TIMEOUT)
+        assert_unauthenticated(caught.value, "send one authorization header")
+    # What HTTP makes of two headers: one value, joined by a comma (Envoy forwards it so).
+    joined = f"{bearer(token(bob))}, {bearer(token(alice))}"
+    assert_unauthenticated(await on_secret.refused(joined), "send one authorization header")
+    assert [task.title for task in (await on_secret.list(bearer(token(alice)))).tasks] == ["alice's"]
+    assert (await on_secret.list(bearer(token(bob)))).tasks == []
+
+
+DAY = 86400  # the AUTH_MAX_TOKEN_LIFETIME_SECONDS default
+
+
+async def test_tokens_living_longer_than_the_maximum_are_refused(on_secret: Caller) -> None:
+    user_id = new_user_id()
+    now = int(time.time())
+    too_long = jwt.encode({"sub": user_id, "iat": now, "exp": now + DAY + 60}, SECRET, algorithm="HS256")
+    assert_unauthenticated(await on_secret.refused(bearer(too_long)), INVALID_TOKEN)
+    assert "lifetime" in on_secret.reason()
+    # Without `iat` the lifetime counts from now.
+    far_exp = jwt.encode({"sub": user_id, "exp": now + 2 * DAY}, SECRET, algorithm="HS256")
+    assert_unauthenticated(await on_secret.refused(bearer(far_exp)), INVALID_TOKEN)
+    assert "lifetime" in on_secret.reason()
+    # An old but still valid day-long token is fine: the lifetime is exp - iat, not exp - now.
+    day_long = jwt.encode({"sub": user_id, "iat": now - 3600, "exp": now - 3600 + DAY}, SECRET, algorithm="HS256")
+    assert (await on_secret.list(bearer(day_long))).tasks == []
+    short_no_iat = jwt.encode({"sub": user_id, "exp": now + 3600}, SECRET, algorithm="HS256")
+    assert (await on_secret.list(bearer(short_no_iat))).tasks == []
+
+
+async def test_the_maximum_lifetime_is_a_setting_and_make_token_stays_within_the_default() -> None:
+    from common.auth import TokenVerifier
+    from common.errors import Unauthenticated
+    from common.settings import Settings
+
+    default = TokenVerifier(Settings.load({"BETTER_AUTH_SECRET": SECRET}))
+    make_token = await asyncio.create_subprocess_exec(  # what `make token` runs
+        sys.executable,
+        "-m",
+        "common.tokens",
+        "maker",
+        cwd=ROOT,
+        env={**os.environ, "BETTER_AUTH_SECRET": SECRET},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    made, _ = await make_token.communicate()
+    assert make_token.returncode == 0
+    assert await default.verify(made.decode().strip()) == "maker"
+    assert await default.verify(token("helper")) == "helper"  # tests' token(): 3600 s
+    strict = TokenVerifier(Settings.load({"BETTER_AUTH_SECRET": SECRET, "AUTH_MAX_TOKEN_LIFETIME_SECONDS": "600"}))
+    with pytest.raises(Unauthenticated) as refused:
+        await strict.verify(token("helper", ttl_seconds=3600))
+    assert refused.value.message == INVALID_TOKEN and "lifetime" in refused.value.reason
+    unlimited = TokenVerifier(Settings.load({"BETTER_AUTH_SECRET": SECRET, "AUTH_MAX_TOKEN_LIFETIME_SECONDS": "0"}))
+    assert await unlimited.verify(token("desktop", ttl_seconds=30 * DAY)) == "desktop"

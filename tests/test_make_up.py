@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -152,3 +155,74 @@ def test_a_killed_launcher_leaves_no_orphans(tmp_path: Path) -> None:
     while processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert processes_with(marker) == []
+
+
+@pytest.mark.slow
+def test_state_is_private_to_its_owner(tmp_path: Path) -> None:
+    """Folders 0700, files 0600: the secret, the SQLite files and the logs, also ones left looser."""
+    state_dir = tmp_path / "state"
+    (state_dir / "logs").mkdir(parents=True)
+    state_dir.chmod(0o755)
+    (state_dir / "logs").chmod(0o755)
+    left_by_an_old_run = state_dir / "logs" / "old.log"
+    left_by_an_old_run.write_text("an old line\n")
+    left_by_an_old_run.chmod(0o644)
+    env = make_up_env(state_dir)
+    run = MakeUp(env, tmp_path / "up.log")
+    try:
+        run.wait_ready()
+        gateway = Gateway(stack=None, base_url=run.base_url, env=env)  # type: ignore[arg-type]
+        secret = (state_dir / "auth_secret").read_text().strip()
+        reply = gateway.call("POST", "/api/alice/tasks", bearer=token("alice", secret=secret), body={"title": "x"})
+        assert reply.status == 200, reply
+        modes = {
+            str(path.relative_to(state_dir)): stat.S_IMODE(path.stat().st_mode)
+            for path in [state_dir, *state_dir.rglob("*")]
+        }
+    finally:
+        run.ctrl_c()
+    for expected in ("auth_secret", "tasks.db", "conversations.db", "logs/task_service.log", "logs/old.log"):
+        assert expected in modes, (expected, sorted(modes))
+    loose = {
+        name: oct(mode) for name, mode in modes.items() if mode != (0o700 if (state_dir / name).is_dir() else 0o600)
+    }
+    assert loose == {}, loose
+
+
+class _Ready(BaseHTTPRequestHandler):
+    """What another instance's gateway answers: 200 to everything, /readyz included."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_make_up_refuses_ports_already_in_use(tmp_path: Path) -> None:
+    env = make_up_env(tmp_path / "state")
+    marker = f"STATE_DIR={tmp_path / 'state'}\0"
+    gateway_port, agent_http_port = int(env["GATEWAY_PORT"]), int(env["AGENT_HTTP_PORT"])
+    other_gateway = ThreadingHTTPServer(("127.0.0.1", gateway_port), _Ready)
+    threading.Thread(target=other_gateway.serve_forever, daemon=True).start()
+    other_agent = socket.create_server(("127.0.0.1", agent_http_port))
+    try:
+        started = time.monotonic()
+        run = subprocess.run(
+            ["make", "up"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=START_TIMEOUT, check=False
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        other_gateway.shutdown()
+        other_gateway.server_close()
+        other_agent.close()
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output
+    assert f"port {gateway_port} is in use (GATEWAY_PORT)" in output, output
+    assert f"port {agent_http_port} is in use (AGENT_HTTP_PORT)" in output, output
+    assert "Todo API:" not in output, "the ready banner was printed"
+    assert "starting" not in output and "| " not in output, "something was started"
+    assert processes_with(marker) == []
+    assert elapsed < START_TIMEOUT

@@ -4,6 +4,7 @@ Guarantees proven here:
 - a user past the writes budget gets RESOURCE_EXHAUSTED with `retry-after` seconds, on every
   write RPC, while other users and that user's reads are unaffected;
 - chat turns (Chat and ChatStream together) have their own per-user budget;
+- reads (get/list of tasks, conversations, messages) have theirs, on both services;
 - with RATE_LIMIT_REDIS_URL, two replicas draw from one budget per user;
 - Redis down: requests go through (fail open) with a warning logged;
 - through the gateway, a refusal is HTTP 429 with a `Retry-After` header.
@@ -26,11 +27,18 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from common.ratelimit import LocalStore, RateLimiter, RedisStore
+from common.ratelimit import METHOD_BUCKETS, LocalStore, RateLimiter, RedisStore
 from scripts.stack import Stack
 from tests.gateway_fixtures import free_ports_env
 from tests.support import ServiceProcess, auth_metadata, free_port, token
-from todo.v1 import agent_pb2, agent_pb2_grpc, task_pb2, task_pb2_grpc
+from todo.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    conversation_pb2,
+    conversation_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 LIMIT = 5
@@ -331,3 +339,101 @@ async def test_chat_turns_are_limited_per_user_and_stream_too(
     finally:
         for service in services:
             service.stop()
+
+
+# --- the reads bucket (task_service and conversation_service) ----------------------------------
+
+READ_LIMIT = 3
+CHAT_TURN_STEPS = {"GetRecentMessages", "GetMessageByRequestId"}  # counted as chat, not as reads
+
+
+def test_every_get_and_list_rpc_spends_the_reads_budget() -> None:
+    """The table in common/ratelimit.py is the one place: a new Get*/List* RPC must be listed."""
+    for module in (task_pb2, conversation_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                path = f"/{service.full_name}/{method.name}"
+                if method.name.startswith(("Get", "List")) and method.name not in CHAT_TURN_STEPS:
+                    assert METHOD_BUCKETS.get(path) == "reads", path
+    for write in ("CreateTask", "UpdateTask", "SetTaskCompleted", "DeleteTask"):
+        assert METHOD_BUCKETS[f"/todo.v1.TaskService/{write}"] == "writes"
+
+
+def _audit_records(service: ServiceProcess, event: str) -> list[dict[str, Any]]:
+    records = []
+    for line in service.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"audit"' in line:
+            record = json.loads(line)
+            if record.get("logger") == "audit" and record.get("event") == event:
+                records.append(record)
+    return records
+
+
+async def test_reads_past_their_budget_are_refused_with_retry_after(
+    database_url_factory, base_env: dict[str, str], log_dir: Path
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    env = _limited_env(
+        base_env,
+        database_url_factory("sqlite", "ratelimit_reads"),
+        address,
+        RATE_LIMIT_READS_PER_MINUTE=str(READ_LIMIT),
+    )
+    service = ServiceProcess("task_service", env, address, log_dir).start()
+    jane, kim = f"jane-{uuid.uuid4().hex[:6]}", f"kim-{uuid.uuid4().hex[:6]}"
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = task_pb2_grpc.TaskServiceStub(channel)
+            await _create(stub, jane, "first")
+            list_request, get_request = task_pb2.ListTasksRequest(), task_pb2.GetTaskRequest(task_id=1)
+            await stub.ListTasks(list_request, metadata=auth_metadata(jane), timeout=10)
+            await stub.GetTask(get_request, metadata=auth_metadata(jane), timeout=10)
+            await stub.ListTasks(list_request, metadata=auth_metadata(jane), timeout=10)
+            for method, request in ((stub.GetTask, get_request), (stub.ListTasks, list_request)):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await method(request, metadata=auth_metadata(jane), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "rate limit exceeded for reads" in (refused.value.details() or "")
+                assert 1 <= _retry_after(refused.value) <= 60 / READ_LIMIT + 1
+            # Writes have their own budget, and kim his own reads.
+            assert (await _create(stub, jane, "second")).id == 2
+            listed = await stub.ListTasks(list_request, metadata=auth_metadata(kim), timeout=10)
+            assert list(listed.tasks) == []
+    finally:
+        service.stop()
+    refusals = _audit_records(service, "rate_limited")
+    assert [(r["user"], r["method"]) for r in refusals] == [
+        (jane, "/todo.v1.TaskService/GetTask"),
+        (jane, "/todo.v1.TaskService/ListTasks"),
+    ], refusals
+    assert all(r["surface"] == "grpc" and "reads" in r["reason"] for r in refusals)
+
+
+async def test_conversation_reads_spend_the_reads_budget(
+    database_url_factory, base_env: dict[str, str], log_dir: Path
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        **base_env,
+        "CONVERSATION_SERVICE_ADDR": address,
+        "CONVERSATION_DATABASE_URL": database_url_factory("sqlite", "ratelimit_conversation_reads"),
+        "RATE_LIMIT_READS_PER_MINUTE": "2",
+    }
+    service = ServiceProcess("conversation_service", env, address, log_dir).start()
+    lena = f"lena-{uuid.uuid4().hex[:6]}"
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = conversation_pb2_grpc.ConversationServiceStub(channel)
+            metadata = auth_metadata(lena)
+            created = await stub.CreateConversation(
+                conversation_pb2.CreateConversationRequest(title="plans"), metadata=metadata, timeout=10
+            )
+            get_request = conversation_pb2.GetConversationRequest(conversation_id=created.id)
+            await stub.ListConversations(conversation_pb2.ListConversationsRequest(), metadata=metadata, timeout=10)
+            await stub.GetConversation(get_request, metadata=metadata, timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListConversations(conversation_pb2.ListConversationsRequest(), metadata=metadata, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert _retry_after(refused.value) >= 1
+    finally:
+        service.stop()

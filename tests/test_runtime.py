@@ -59,6 +59,10 @@ def test_reflection_describes_the_task_service_without_a_token(channel: grpc.Cha
         "UpdateTask",
         "SetTaskCompleted",
         "DeleteTask",
+        "GetSettings",
+        "UpdateSettings",
+        "ListActivity",
+        "Undo",
     }
     create = task_service.methods_by_name["CreateTask"]
     assert create.input_type.full_name == "todo.v1.CreateTaskRequest"
