@@ -33,6 +33,8 @@ conversations = Table(
     Column("last_message_id", Integer, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # The client's JSON object (at most 8 KiB serialized).
+    Column("metadata", JSON, nullable=False, default=dict),
     UniqueConstraint("user_id", "request_id", name="uq_conversations_user_request"),
     # ListConversations: newest activity first.
     Index("ix_conversations_user_updated_id", "user_id", "updated_at", "id"),
@@ -58,14 +60,22 @@ messages = Table(
     Column("content", Text, nullable=False),
     # [{"name": str, "arguments"?: object, "result"?: any JSON, "error"?: str}, ...]
     Column("tool_calls", JSON, nullable=False),
-    # The client's key for AppendMessage retries; NULL when none was given.
+    # The agent's key for AppendMessage retries, unique per user; NULL when none was given.
     Column("request_id", String(255), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The client's JSON object (at most 8 KiB serialized).
+    Column("metadata", JSON, nullable=False, default=dict),
+    # A client's Idempotency-Key of RecordMessage, unique per user; NULL when none was given.
+    # A column of its own, so a client key can never be mistaken for one of the agent's.
+    Column("client_key", String(255), nullable=True),
     ForeignKeyConstraint(
         ["user_id", "conversation_id"],
         ["conversations.user_id", "conversations.id"],
         name="fk_messages_conversation",
         ondelete="CASCADE",
     ),
-    UniqueConstraint("user_id", "conversation_id", "request_id", name="uq_messages_conversation_request"),
+    UniqueConstraint("user_id", "request_id", name="uq_messages_user_request"),
+    UniqueConstraint("user_id", "client_key", name="uq_messages_user_client_key"),
+    # ListHistory: the user's messages, newest first.
+    Index("ix_messages_user_created", "user_id", "created_at", "conversation_id", "id"),
 )

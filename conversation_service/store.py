@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, case, delete, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.db import next_number, utc
@@ -21,6 +22,7 @@ class ConversationRow:
     title: str
     created_at: datetime
     updated_at: datetime
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,13 @@ class NewMessage:
     content: str
     # JSON-ready tool calls: {"name", "arguments"?, "result"?, "error"?}.
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    # The agent's key (AppendMessage), unique per user.
     request_id: str = ""
     # The conversation's title if it has none yet (set by the first user message).
     title_if_untitled: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    # A client's Idempotency-Key (RecordMessage), unique per user, apart from request ids.
+    client_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class MessageRow:
     content: str
     tool_calls: list[dict[str, Any]]
     created_at: datetime
+    conversation_id: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -51,11 +59,19 @@ class Appended:
 
 
 def _conversation(row: Any) -> ConversationRow:
-    return ConversationRow(row.id, row.title, utc(row.created_at), utc(row.updated_at))
+    return ConversationRow(row.id, row.title, utc(row.created_at), utc(row.updated_at), dict(row.metadata or {}))
 
 
 def _message(row: Any) -> MessageRow:
-    return MessageRow(row.id, row.role, row.content, list(row.tool_calls or []), utc(row.created_at))
+    return MessageRow(
+        row.id,
+        row.role,
+        row.content,
+        list(row.tool_calls or []),
+        utc(row.created_at),
+        row.conversation_id,
+        dict(row.metadata or {}),
+    )
 
 
 _CONVERSATION_COLUMNS = (
@@ -63,8 +79,17 @@ _CONVERSATION_COLUMNS = (
     conversations.c.title,
     conversations.c.created_at,
     conversations.c.updated_at,
+    conversations.c.metadata,
 )
-_MESSAGE_COLUMNS = (messages.c.id, messages.c.role, messages.c.content, messages.c.tool_calls, messages.c.created_at)
+_MESSAGE_COLUMNS = (
+    messages.c.id,
+    messages.c.role,
+    messages.c.content,
+    messages.c.tool_calls,
+    messages.c.created_at,
+    messages.c.conversation_id,
+    messages.c.metadata,
+)
 
 
 def _one_conversation(user_id: str, conversation_id: int) -> Any:
@@ -81,7 +106,9 @@ class ConversationStore:
 
     # Conversations.
 
-    async def create(self, user_id: str, title: str, request_id: str) -> ConversationRow:
+    async def create(
+        self, user_id: str, title: str, request_id: str, metadata: dict[str, Any] | None = None
+    ) -> ConversationRow:
         """A new conversation, or the one this user already created with `request_id`."""
         now = datetime.now(UTC)
         async with self._engine.connect() as conn, conn.begin() as transaction:
@@ -99,7 +126,7 @@ class ConversationStore:
                 if existing is not None:
                     await transaction.rollback()  # hands the number back: nothing is stored
                     return _conversation(existing)
-            row = ConversationRow(number, title, now, now)
+            row = ConversationRow(number, title, now, now, metadata or {})
             values = {**vars(row), "user_id": user_id, "request_id": request_id or None, "last_message_id": 0}
             await conn.execute(insert(conversations).values(**values))
         return row
@@ -132,11 +159,14 @@ class ConversationStore:
             rows = (await conn.execute(query)).all()
         return [_conversation(row) for row in rows]
 
-    async def rename(self, user_id: str, conversation_id: int, title: str) -> ConversationRow | None:
+    async def update(self, user_id: str, conversation_id: int, changes: dict[str, Any]) -> ConversationRow | None:
+        """Set `changes` (title, metadata); none given changes nothing, not even updated_at."""
+        if not changes:
+            return await self.get(user_id, conversation_id)
         statement = (
             update(conversations)
             .where(_one_conversation(user_id, conversation_id))
-            .values(title=title, updated_at=datetime.now(UTC))
+            .values(**changes, updated_at=datetime.now(UTC))
             .returning(*_CONVERSATION_COLUMNS)
         )
         async with self._engine.begin() as conn:
@@ -158,22 +188,32 @@ class ConversationStore:
     async def append(
         self, user_id: str, conversation_id: int, new: NewMessage, history_limit: int = 0
     ) -> Appended | None:
-        """The message and whether it is new (a known request_id returns the original with
-        created=False), with up to `history_limit` messages before it; None if the user has
-        no such conversation."""
+        """The message and whether it is new (a known request_id or client_key returns the
+        original with created=False, whichever of the user's conversations holds it), with up
+        to `history_limit` messages before it; None if the user has no such conversation."""
+        try:
+            return await self._append(user_id, conversation_id, new, history_limit)
+        except IntegrityError:
+            # The same key appended to another conversation at the same moment (PostgreSQL: the
+            # two appends lock different conversations). It has committed now: find it.
+            return await self._append(user_id, conversation_id, new, history_limit)
+
+    async def _append(self, user_id: str, conversation_id: int, new: NewMessage, history_limit: int) -> Appended | None:
         async with self._engine.connect() as conn, conn.begin() as transaction:
             number = await self._next_message_number(conn, user_id, conversation_id, new)
             if number is None:
                 return None
             # Looked up after the row lock, so a concurrent retry has committed or not started.
-            earlier = await self._by_request_id(conn, user_id, conversation_id, new.request_id)
+            earlier = await self._by_key(conn, user_id, new)
             if earlier is not None:
-                history = await self._before(conn, user_id, conversation_id, earlier.id, history_limit)
+                history = await self._before(conn, user_id, earlier.conversation_id, earlier.id, history_limit)
                 await transaction.rollback()  # neither the number nor updated_at moves
                 return Appended(earlier, False, history)
-            row = MessageRow(number, new.role, new.content, new.tool_calls, datetime.now(UTC))
-            values = {**vars(row), "user_id": user_id, "conversation_id": conversation_id}
-            await conn.execute(insert(messages).values(**values, request_id=new.request_id or None))
+            row = MessageRow(
+                number, new.role, new.content, new.tool_calls, datetime.now(UTC), conversation_id, new.metadata
+            )
+            keys = {"request_id": new.request_id or None, "client_key": new.client_key or None}
+            await conn.execute(insert(messages).values(**vars(row), **keys, user_id=user_id))
             history = await self._before(conn, user_id, conversation_id, number, history_limit)
         return Appended(row, True, history)
 
@@ -212,25 +252,41 @@ class ConversationStore:
         number = (await conn.execute(statement)).scalar_one_or_none()
         return None if number is None else int(number)
 
-    async def _by_request_id(
-        self, conn: AsyncConnection, user_id: str, conversation_id: int, request_id: str
-    ) -> MessageRow | None:
-        if not request_id:
+    async def _by_key(self, conn: AsyncConnection, user_id: str, new: NewMessage) -> MessageRow | None:
+        """The user's message stored earlier with new's request_id or client_key, in any conversation."""
+        if new.request_id:
+            same_key = messages.c.request_id == new.request_id
+        elif new.client_key:
+            same_key = messages.c.client_key == new.client_key
+        else:
             return None
-        query = select(*_MESSAGE_COLUMNS).where(
-            _in_conversation(user_id, conversation_id), messages.c.request_id == request_id
-        )
-        row = (await conn.execute(query)).first()
+        return await self._first_message(conn, messages.c.user_id == user_id, same_key)
+
+    async def _first_message(self, conn: AsyncConnection, *conditions: Any) -> MessageRow | None:
+        row = (await conn.execute(select(*_MESSAGE_COLUMNS).where(*conditions))).first()
         return _message(row) if row else None
 
     async def message_by_request_id(
         self, user_id: str, conversation_id: int, request_id: str
     ) -> tuple[bool, MessageRow | None]:
-        """(whether the conversation exists, the message appended with request_id)."""
+        """(whether the conversation exists, the message appended with request_id). Conversation
+        0 means any of the user's conversations (request ids are unique per user)."""
+        conditions = [messages.c.user_id == user_id, messages.c.request_id == request_id]
+        async with self._engine.connect() as conn:
+            if conversation_id:
+                if await self._get(conn, user_id, conversation_id) is None:
+                    return False, None
+                conditions.append(messages.c.conversation_id == conversation_id)
+            return True, await self._first_message(conn, *conditions)
+
+    async def message(self, user_id: str, conversation_id: int, message_id: int) -> tuple[bool, MessageRow | None]:
+        """(whether the conversation exists, its message number `message_id`)."""
         async with self._engine.connect() as conn:
             if await self._get(conn, user_id, conversation_id) is None:
                 return False, None
-            return True, await self._by_request_id(conn, user_id, conversation_id, request_id)
+            return True, await self._first_message(
+                conn, _in_conversation(user_id, conversation_id), messages.c.id == message_id
+            )
 
     async def list_messages(
         self, user_id: str, conversation_id: int, after_id: int, limit: int
@@ -261,3 +317,25 @@ class ConversationStore:
                 return None
             rows = (await conn.execute(query)).all()
         return [_message(row) for row in reversed(rows)]
+
+    async def history(self, user_id: str, after: tuple[datetime, int, int] | None, limit: int) -> list[MessageRow]:
+        """Up to `limit` of the user's messages in all conversations, newest first, strictly after
+        the `after` key (created_at, conversation_id, id): a total order, so pages never overlap."""
+        query = select(*_MESSAGE_COLUMNS).where(messages.c.user_id == user_id)
+        if after is not None:
+            created_at, conversation_id, message_id = after
+            query = query.where(
+                or_(
+                    messages.c.created_at < created_at,
+                    and_(messages.c.created_at == created_at, messages.c.conversation_id < conversation_id),
+                    and_(
+                        messages.c.created_at == created_at,
+                        messages.c.conversation_id == conversation_id,
+                        messages.c.id < message_id,
+                    ),
+                )
+            )
+        order = (messages.c.created_at.desc(), messages.c.conversation_id.desc(), messages.c.id.desc())
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query.order_by(*order).limit(limit))).all()
+        return [_message(row) for row in rows]

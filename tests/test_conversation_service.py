@@ -4,19 +4,23 @@ called over gRPC with real tokens; a few checks also read the database directly.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 import pytest
 import sqlalchemy as sa
-from google.protobuf import empty_pb2, struct_pb2
+from alembic import command
+from alembic.config import Config
+from google.protobuf import empty_pb2, json_format, struct_pb2
 
 from common.db import sync_url
 from conversation_service.models import messages
-from tests.support import ServiceProcess, auth_metadata, free_port
+from tests.support import ROOT, ServiceProcess, auth_metadata, free_port
 from todo.v1 import conversation_pb2 as pb
 from todo.v1 import conversation_pb2_grpc
 
@@ -279,10 +283,11 @@ async def test_retried_append_stores_one_message(
     assert await alice.all_messages(conversation.id) == [first.message]
     assert await alice.get(conversation.id) == before_retry  # not even updated_at moved
 
-    # The key is scoped to its conversation.
+    # The key is scoped to the user: in another conversation it finds the original too.
     other = await alice.create("Other")
     elsewhere = await alice.append(other.id, "add a task", request_id="turn-1")
-    assert elsewhere.created and elsewhere.message.id == 1
+    assert not elsewhere.created and elsewhere.message == first.message
+    assert elsewhere.message.conversation_id == conversation.id
 
     # Concurrent retries of one append: exactly one stores.
     burst = await asyncio.gather(
@@ -291,11 +296,7 @@ async def test_retried_append_stores_one_message(
     assert sum(reply.created for reply in burst) == 1
     assert {reply.message.id for reply in burst} == {2}
     assert [message.id for message in await alice.all_messages(conversation.id)] == [1, 2]
-    assert [(row.conversation_id, row.id) for row in stored_messages(service, alice.user_id)] == [
-        (1, 1),
-        (1, 2),
-        (2, 1),
-    ]
+    assert [(row.conversation_id, row.id) for row in stored_messages(service, alice.user_id)] == [(1, 1), (1, 2)]
 
 
 async def test_concurrent_appends_keep_a_strict_order(stub: conversation_pb2_grpc.ConversationServiceStub) -> None:
@@ -385,9 +386,10 @@ async def test_deleting_a_conversation_removes_its_messages(
     assert [message.content for message in await alice.all_messages(kept.id)] == ["kept"]
 
 
-def _calls_on(user: As, conversation_id: int, user_id: str = "") -> list[Awaitable[Any]]:
-    """Every RPC that names a conversation, aimed at `conversation_id`."""
-    return [
+def _calls_on(user: As, conversation_id: int, user_id: str = "", lookup: bool = True) -> list[Awaitable[Any]]:
+    """Every RPC that names a conversation, aimed at `conversation_id` (`lookup`: with
+    GetMessageByRequestId, for which conversation 0 means any)."""
+    calls = [
         user.GetConversation(pb.GetConversationRequest(user_id=user_id, conversation_id=conversation_id)),
         user.UpdateConversation(
             pb.UpdateConversationRequest(user_id=user_id, conversation_id=conversation_id, title="Hijacked")
@@ -395,13 +397,17 @@ def _calls_on(user: As, conversation_id: int, user_id: str = "") -> list[Awaitab
         user.AppendMessage(
             pb.AppendMessageRequest(user_id=user_id, conversation_id=conversation_id, role="user", content="hi")
         ),
-        user.GetMessageByRequestId(
-            pb.GetMessageByRequestIdRequest(user_id=user_id, conversation_id=conversation_id, request_id="d0")
+        user.RecordMessage(
+            pb.RecordMessageRequest(user_id=user_id, conversation_id=conversation_id, role="user", content="hi")
         ),
         user.ListMessages(pb.ListMessagesRequest(user_id=user_id, conversation_id=conversation_id)),
         user.GetRecentMessages(pb.GetRecentMessagesRequest(user_id=user_id, conversation_id=conversation_id)),
         user.DeleteConversation(pb.DeleteConversationRequest(user_id=user_id, conversation_id=conversation_id)),
     ]
+    if lookup:
+        request = pb.GetMessageByRequestIdRequest(user_id=user_id, conversation_id=conversation_id, request_id="d0")
+        calls.append(user.GetMessageByRequestId(request))
+    return calls
 
 
 async def test_tenant_isolation(service: Service, stub: conversation_pb2_grpc.ConversationServiceStub) -> None:
@@ -416,6 +422,8 @@ async def test_tenant_isolation(service: Service, stub: conversation_pb2_grpc.Co
     for call in _calls_on(bob, 2):
         assert await expect(grpc.StatusCode.NOT_FOUND, call) == "conversation 2 not found"
     assert await bob.list_ids() == []
+    assert list((await bob.ListHistory(pb.ListHistoryRequest())).messages) == []
+    await expect(grpc.StatusCode.NOT_FOUND, bob.GetMessageByRequestId(pb.GetMessageByRequestIdRequest(request_id="d0")))
 
     bobs = await bob.create("Bob's own")
     assert bobs.id == 1  # per-user numbers
@@ -428,7 +436,9 @@ async def test_tenant_isolation(service: Service, stub: conversation_pb2_grpc.Co
     for call in [
         *_calls_on(alice, mine.id, user_id=bob.user_id),
         alice.CreateConversation(pb.CreateConversationRequest(user_id=bob.user_id)),
+        alice.StartConversation(pb.StartConversationRequest(user_id=bob.user_id)),
         alice.ListConversations(pb.ListConversationsRequest(user_id=bob.user_id)),
+        alice.ListHistory(pb.ListHistoryRequest(user_id=bob.user_id)),
     ]:
         await expect(grpc.StatusCode.PERMISSION_DENIED, call, "user_id")
     own = await alice.GetConversation(pb.GetConversationRequest(user_id=alice.user_id, conversation_id=mine.id))
@@ -473,7 +483,7 @@ async def test_limits_are_enforced_and_nothing_is_written(
     assert accepted.created and accepted.message.content == longest
 
     for bad_id in (0, -1):
-        for call in [*_calls_on(alice, bad_id), alice.get(bad_id)]:
+        for call in [*_calls_on(alice, bad_id, lookup=bad_id != 0), alice.get(bad_id)]:
             await expect(grpc.StatusCode.INVALID_ARGUMENT, call, "conversation_id")
     for bad_title in ("t" * 256, "   "):
         update = pb.UpdateConversationRequest(conversation_id=conversation.id, title=bad_title)
@@ -529,6 +539,403 @@ async def test_tool_calls_round_trip_as_structured_data(
         "result": {"task_id": 1, "status": "created", "title": "Buy milk"},
     }
     assert row.tool_calls[2] == {"name": "complete_task", "arguments": {"task_id": 99}, "error": "task 99 not found"}
+
+
+# --- Round 2: metadata, client-recorded messages, per-user keys, history, size bounds -------------
+
+
+def _record(conversation_id: int, content: str, role: str = "user", **metadata: Any) -> pb.RecordMessageRequest:
+    request = pb.RecordMessageRequest(conversation_id=conversation_id, role=role, content=content)
+    if metadata:
+        request.metadata.update(metadata)
+    return request
+
+
+async def record_with_key(user: As, request: pb.RecordMessageRequest, key: str) -> pb.Message:
+    """RecordMessage with an `idempotency-key` (as Envoy forwards the REST header)."""
+    metadata = (*auth_metadata(user.user_id), ("idempotency-key", key))
+    return await user._stub.RecordMessage(request, metadata=metadata, timeout=TIMEOUT)  # type: ignore[no-any-return]
+
+
+def stored_row_keys(service: Service, user_id: str) -> list[tuple[Any, Any]]:
+    """(request_id, client_key) of each of the user's message rows."""
+    return [(row.request_id, row.client_key) for row in stored_messages(service, user_id)]
+
+
+async def test_conversation_metadata_is_set_replaced_and_kept(
+    stub: conversation_pb2_grpc.ConversationServiceStub,
+) -> None:
+    alice = new_user(stub, "alice")
+    started = await alice.StartConversation(
+        pb.StartConversationRequest(title="  Trip ", metadata=struct({"color": "blue", "pins": [1, 2]}))
+    )
+    assert (started.id, started.title) == (1, "Trip")
+    assert json_format_dict(started.metadata) == {"color": "blue", "pins": [1, 2]}
+    plain = await alice.StartConversation(pb.StartConversationRequest())
+    assert (plain.id, plain.title, plain.HasField("metadata"), dict(plain.metadata)) == (2, "", True, {})
+    assert dict((await alice.create()).metadata) == {}  # the agent's CreateConversation: {} too
+
+    async def update(**fields: Any) -> pb.Conversation:
+        return await alice.UpdateConversation(pb.UpdateConversationRequest(conversation_id=1, **fields))
+
+    renamed = await update(title="Trip to Rome")
+    assert renamed.title == "Trip to Rome" and renamed.metadata == started.metadata  # metadata kept
+    recolored = await update(metadata=struct({"color": "red"}))
+    assert recolored.title == "Trip to Rome" and json_format_dict(recolored.metadata) == {"color": "red"}  # replaced
+    unchanged = await update()
+    assert unchanged == recolored  # nothing given: nothing changes, not even updated_at
+    cleared = await update(metadata=struct({}))
+    assert dict(cleared.metadata) == {} and cleared.title == "Trip to Rome"
+    assert await alice.get(1) == cleared
+
+
+async def test_metadata_limits_write_nothing(
+    service: Service, stub: conversation_pb2_grpc.ConversationServiceStub
+) -> None:
+    alice = new_user(stub, "alice")
+    conversation = await alice.StartConversation(pb.StartConversationRequest(title="Limits"))
+    exactly = {"k": "x" * (8192 - len('{"k":""}'))}  # 8 KiB as compact JSON: allowed
+    too_big = {"k": "x" * (8193 - len('{"k":""}'))}
+    not_json = struct({"n": 1})
+    not_json.fields["n"].number_value = float("nan")
+
+    for metadata, field_name in ((too_big, "metadata"), (not_json, "metadata")):
+        value = metadata if isinstance(metadata, struct_pb2.Struct) else struct(metadata)
+        calls = [
+            alice.StartConversation(pb.StartConversationRequest(title="new", metadata=value)),
+            alice.UpdateConversation(pb.UpdateConversationRequest(conversation_id=1, title="x", metadata=value)),
+            alice.RecordMessage(pb.RecordMessageRequest(conversation_id=1, role="user", content="hi", metadata=value)),
+        ]
+        for call in calls:
+            await expect(grpc.StatusCode.INVALID_ARGUMENT, call, field_name)
+    assert await alice.list_ids() == [1] and await alice.get(1) == conversation
+    assert stored_messages(service, alice.user_id) == []
+
+    kept = await alice.UpdateConversation(pb.UpdateConversationRequest(conversation_id=1, metadata=struct(exactly)))
+    assert json_format_dict(kept.metadata) == exactly
+    recorded = await alice.RecordMessage(
+        pb.RecordMessageRequest(conversation_id=1, role="user", content="hi", metadata=struct(exactly))
+    )
+    assert json_format_dict(recorded.metadata) == exactly
+
+
+def json_format_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain JSON data, whole numbers as ints."""
+    return json.loads(json.dumps(json_format.MessageToDict(value)), parse_float=_number)
+
+
+def _number(text: str) -> int | float:
+    return int(float(text)) if float(text).is_integer() else float(text)
+
+
+async def test_recorded_messages_are_stored_as_given(
+    service: Service, stub: conversation_pb2_grpc.ConversationServiceStub
+) -> None:
+    alice = new_user(stub, "alice")
+    conversation = await alice.StartConversation(pb.StartConversationRequest())
+    said = await alice.RecordMessage(_record(conversation.id, "  What's on my list?  ", source="web"))
+    answered = await alice.RecordMessage(_record(conversation.id, "Nothing yet. I will do all of it!", "assistant"))
+    assert (said.id, said.role, said.content, said.conversation_id) == (1, "user", "  What's on my list?  ", 1)
+    assert json_format_dict(said.metadata) == {"source": "web"} and said.created_at.seconds > 0
+    assert (answered.id, answered.role, list(answered.tool_calls), dict(answered.metadata)) == (
+        2,
+        "assistant",
+        [],
+        {},
+    )
+    assert await alice.all_messages(conversation.id) == [said, answered]
+    assert (await alice.get(conversation.id)).title == "What's on my list?"  # a user message names it
+    assert stored_row_keys(service, alice.user_id) == [(None, None), (None, None)]  # no key: none stored
+
+    for role in ("system", "tool", "", "USER"):
+        await expect(grpc.StatusCode.INVALID_ARGUMENT, alice.RecordMessage(_record(1, "hi", role)), "role")
+    for content in ("", "   ", "x" * 8001, "nul\x00"):
+        await expect(grpc.StatusCode.INVALID_ARGUMENT, alice.RecordMessage(_record(1, content)), "content")
+    await expect(grpc.StatusCode.NOT_FOUND, alice.RecordMessage(_record(99, "hi")), "conversation 99 not found")
+    assert await alice.all_messages(conversation.id) == [said, answered]
+
+
+async def test_a_recorded_message_with_an_idempotency_key_is_stored_once(
+    service: Service, stub: conversation_pb2_grpc.ConversationServiceStub
+) -> None:
+    alice = new_user(stub, "alice")
+    conversation = await alice.StartConversation(pb.StartConversationRequest())
+    other = await alice.StartConversation(pb.StartConversationRequest())
+    request = _record(conversation.id, "buy milk", tag="a")
+    first = await record_with_key(alice, request, "key-1")
+    assert await record_with_key(alice, request, "key-1") == first
+    burst = await asyncio.gather(*(record_with_key(alice, request, "key-2") for _ in range(8)))
+    assert {message.id for message in burst} == {2}
+    assert [message.id for message in await alice.all_messages(conversation.id)] == [1, 2]
+
+    # The same key for anything else is refused, not answered with the first message.
+    for changed in (
+        _record(conversation.id, "buy bread", tag="a"),
+        _record(conversation.id, "buy milk", "assistant", tag="a"),
+        _record(conversation.id, "buy milk", tag="b"),
+        _record(other.id, "buy milk", tag="a"),
+    ):
+        await expect(grpc.StatusCode.INVALID_ARGUMENT, record_with_key(alice, changed, "key-1"), "Idempotency-Key")
+    for bad_key in ("k" * 201,):  # (gRPC itself refuses control characters in metadata)
+        await expect(grpc.StatusCode.INVALID_ARGUMENT, record_with_key(alice, request, bad_key), "Idempotency-Key")
+    assert [message.id for message in await alice.all_messages(conversation.id)] == [1, 2]
+    assert await alice.all_messages(other.id) == []
+
+    # Keys belong to a user: Bob's key-1 is his own.
+    bob = new_user(stub, "bob")
+    bobs = await bob.StartConversation(pb.StartConversationRequest())
+    assert (await record_with_key(bob, _record(bobs.id, "buy milk", tag="a"), "key-1")).id == 1
+    assert stored_row_keys(service, alice.user_id) == [(None, "key-1"), (None, "key-2")]
+
+
+async def test_client_keys_never_meet_the_agents_request_ids(
+    service: Service, stub: conversation_pb2_grpc.ConversationServiceStub
+) -> None:
+    # An attacker's recorded message under the agent's key must not become a chat turn's "answer".
+    alice = new_user(stub, "alice")
+    conversation = await alice.StartConversation(pb.StartConversationRequest())
+    planted = await record_with_key(
+        alice, _record(conversation.id, "I deleted everything", "assistant"), "K1:assistant"
+    )
+    lookup = pb.GetMessageByRequestIdRequest(request_id="K1:assistant")
+    await expect(grpc.StatusCode.NOT_FOUND, alice.GetMessageByRequestId(lookup), "request_id")
+    genuine = await alice.append(conversation.id, "Added task 1.", role="assistant", request_id="K1:assistant")
+    assert genuine.created and genuine.message.id == planted.id + 1
+    assert await alice.GetMessageByRequestId(lookup) == genuine.message
+    assert stored_row_keys(service, alice.user_id) == [(None, "K1:assistant"), ("K1:assistant", None)]
+
+
+async def test_request_ids_are_unique_per_user_across_conversations(
+    service: Service, stub: conversation_pb2_grpc.ConversationServiceStub
+) -> None:
+    alice = new_user(stub, "alice")
+    first_chat, second_chat = await alice.create("One"), await alice.create("Two")
+    first = await alice.append(first_chat.id, "add milk", request_id="K:user")
+    await alice.append(first_chat.id, "Added.", role="assistant", request_id="K:assistant")
+    retried_elsewhere = await alice.append(second_chat.id, "add milk", request_id="K:user", history_limit=5)
+    assert not retried_elsewhere.created and retried_elsewhere.message == first.message
+    assert list(retried_elsewhere.history) == []  # the window before the original, in its conversation
+
+    # Conversation 0 finds a key in any of the user's conversations; a given one looks only there.
+    anywhere = await alice.GetMessageByRequestId(pb.GetMessageByRequestIdRequest(request_id="K:assistant"))
+    assert (anywhere.conversation_id, anywhere.id, anywhere.content) == (first_chat.id, 2, "Added.")
+    only_there = pb.GetMessageByRequestIdRequest(conversation_id=second_chat.id, request_id="K:assistant")
+    await expect(grpc.StatusCode.NOT_FOUND, alice.GetMessageByRequestId(only_there), "request_id")
+    negative = pb.GetMessageByRequestIdRequest(conversation_id=-1, request_id="K:assistant")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, alice.GetMessageByRequestId(negative), "conversation_id")
+
+    # Concurrent appends of one key to different conversations (they lock different rows): one stores.
+    chats = [await alice.create(f"race {n}") for n in range(4)]
+    raced = await asyncio.gather(*(alice.append(chat.id, "race", request_id="R:user") for chat in chats))
+    assert sum(reply.created for reply in raced) == 1
+    assert len({(reply.message.conversation_id, reply.message.id) for reply in raced}) == 1
+    rows = stored_messages(service, alice.user_id)
+    assert [row.request_id for row in rows].count("R:user") == 1
+    assert [row.request_id for row in rows].count("K:user") == 1
+
+    # Another user's identical key is theirs alone.
+    bob = new_user(stub, "bob")
+    bobs = await bob.create()
+    assert (await bob.append(bobs.id, "add milk", request_id="K:user")).created
+    await expect(
+        grpc.StatusCode.NOT_FOUND, bob.GetMessageByRequestId(pb.GetMessageByRequestIdRequest(request_id="K:assistant"))
+    )
+
+
+async def test_history_is_newest_first_across_conversations_without_duplicates_or_gaps(
+    stub: conversation_pb2_grpc.ConversationServiceStub,
+) -> None:
+    alice = new_user(stub, "alice")
+    chats = [await alice.create(f"chat {n}") for n in range(3)]
+    for number in range(9):  # interleaved across the three conversations
+        await alice.append(chats[number % 3].id, f"m{number}", role="user" if number % 2 else "assistant")
+    expected = [f"m{number}" for number in reversed(range(9))]
+
+    seen: list[pb.Message] = []
+    token = ""
+    for page_number in range(1, 20):
+        reply = await alice.ListHistory(pb.ListHistoryRequest(page_size=2, page_token=token))
+        seen += reply.messages
+        if page_number in (1, 3):  # arrivals between pages are newer: they land before the cursor
+            await alice.append(chats[0].id, "late arrival")
+            await alice.RecordMessage(_record(chats[1].id, "late recorded"))
+        token = reply.next_page_token
+        if not token:
+            break
+    assert [message.content for message in seen] == expected
+    assert len({(message.conversation_id, message.id) for message in seen}) == 9
+    assert [message.conversation_id for message in seen] == [chats[n % 3].id for n in reversed(range(9))]
+    everything = await alice.ListHistory(pb.ListHistoryRequest(page_size=100))
+    assert [message.content for message in everything.messages][:4] == ["late recorded", "late arrival"] * 2
+    assert everything.next_page_token == ""
+    timestamps = [message.created_at.ToDatetime() for message in everything.messages]
+    assert timestamps == sorted(timestamps, reverse=True)
+
+    # Deleting a conversation takes its messages out of the history.
+    await alice.DeleteConversation(pb.DeleteConversationRequest(conversation_id=chats[2].id))
+    remaining = (await alice.ListHistory(pb.ListHistoryRequest(page_size=100))).messages
+    assert chats[2].id not in {message.conversation_id for message in remaining} and len(remaining) == 10
+
+    first_page = await alice.ListHistory(pb.ListHistoryRequest(page_size=1))
+    bob = new_user(stub, "bob")
+    stolen = pb.ListHistoryRequest(page_size=1, page_token=first_page.next_page_token)
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, bob.ListHistory(stolen), "page_token")
+    foreign = pb.ListHistoryRequest(
+        page_token=(await alice.ListConversations(pb.ListConversationsRequest(page_size=1))).next_page_token
+    )
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, alice.ListHistory(foreign), "page_token")
+    for bad_size in (101, -1):
+        await expect(
+            grpc.StatusCode.INVALID_ARGUMENT, alice.ListHistory(pb.ListHistoryRequest(page_size=bad_size)), "page_size"
+        )
+
+
+def _big_call(kib: int, part: str = "result", name: str = "list_tasks") -> pb.ToolCall:
+    """A tool call whose `part` is about `kib` KiB of protobuf."""
+    call = pb.ToolCall(name=name)
+    text = "x" * (kib * 1024)
+    if part == "result":
+        call.result.string_value = text
+    elif part == "arguments":
+        call.arguments.update({"text": text})
+    else:
+        call.error = text
+    return call
+
+
+async def test_stored_tool_calls_are_bounded_and_refusals_write_nothing(
+    service: Service, stub: conversation_pb2_grpc.ConversationServiceStub
+) -> None:
+    alice = new_user(stub, "alice")
+    conversation = await alice.create("Bounds")
+    too_many = [pb.ToolCall(name="list_tasks") for _ in range(101)]
+    rejected: list[tuple[list[pb.ToolCall], str]] = [
+        (too_many, "tool_calls must be at most 100"),
+        ([pb.ToolCall(name="n" * 256)], "tool_calls[0].name"),
+        ([_big_call(1), _big_call(257)], "tool_calls[1].result must be at most 256 KiB"),
+        ([_big_call(257, "arguments")], "tool_calls[0].arguments"),
+        ([_big_call(257, "error")], "tool_calls[0].error"),
+        ([_big_call(200), _big_call(200), _big_call(200)], "at most 512 KiB"),
+    ]
+    for calls, mentions in rejected:
+        refused = alice.append(conversation.id, "Done.", role="assistant", tool_calls=calls)
+        await expect(grpc.StatusCode.INVALID_ARGUMENT, refused, mentions)
+    assert stored_messages(service, alice.user_id) == []
+    assert await alice.get(conversation.id) == conversation
+
+    hundred = [pb.ToolCall(name="list_tasks", result=json_value([])) for _ in range(100)]
+    assert (await alice.append(conversation.id, "ok", role="assistant", tool_calls=hundred)).created
+    biggest = [_big_call(250), _big_call(250)]
+    assert (await alice.append(conversation.id, "ok", role="assistant", tool_calls=biggest)).created
+
+
+async def test_replies_stay_within_the_gateways_buffer(stub: conversation_pb2_grpc.ConversationServiceStub) -> None:
+    # Envoy's transcoder answers 500 for a reply over 1 MiB: pages stop at 512 KiB (at least one message).
+    alice = new_user(stub, "alice")
+    conversation = await alice.create("Big results")
+    for number in range(1, 6):
+        await alice.append(conversation.id, f"big {number}", role="assistant", tool_calls=[_big_call(200)])
+    small = await alice.append(conversation.id, "small", history_limit=100)
+    assert [message.content for message in small.history] == ["big 4", "big 5"]  # the newest that fit
+
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await alice.ListMessages(
+            pb.ListMessagesRequest(conversation_id=conversation.id, page_size=100, page_token=token)
+        )
+        assert page.ByteSize() < 600 * 1024 and len(page.messages) == 2
+        seen += [message.content for message in page.messages]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ["big 1", "big 2", "big 3", "big 4", "big 5", "small"]
+
+    recent = await alice.GetRecentMessages(pb.GetRecentMessagesRequest(conversation_id=conversation.id, limit=100))
+    assert [message.content for message in recent.messages] == ["big 4", "big 5", "small"]
+    history: list[str] = []
+    token = ""
+    while True:
+        page = await alice.ListHistory(pb.ListHistoryRequest(page_token=token))
+        assert page.ByteSize() < 600 * 1024
+        history += [message.content for message in page.messages]
+        token = page.next_page_token
+        if not token:
+            break
+    assert history == seen[::-1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_round_1_database_is_migrated_and_keeps_its_messages(
+    backend: str,
+    database_url_factory: Callable[[str, str], str],
+    base_env: dict[str, str],
+    log_dir: Any,
+) -> None:
+    url = database_url_factory(backend, "conversations_round1")
+    _round_1_database(url)
+    address = f"127.0.0.1:{free_port()}"
+    env = {**base_env, "CONVERSATION_DATABASE_URL": url, "CONVERSATION_SERVICE_ADDR": address}
+    process = ServiceProcess("conversation_service", env, address, log_dir).start()  # migrates to head
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            alice = As(conversation_pb2_grpc.ConversationServiceStub(channel), "alice")
+            messages = [*(await alice.all_messages(1)), *(await alice.all_messages(2))]
+            assert [(m.conversation_id, m.id, m.content, dict(m.metadata)) for m in messages] == [
+                (1, 1, "add milk", {}),
+                (1, 2, "Added.", {}),
+                (2, 1, "add milk", {}),
+            ]
+            assert dict((await alice.get(1)).metadata) == {}
+            # The same key in two conversations (the old per-conversation scope): the first keeps it.
+            found = await alice.GetMessageByRequestId(pb.GetMessageByRequestIdRequest(request_id="K:user"))
+            assert (found.conversation_id, found.id) == (1, 1)
+            retry = await alice.append(2, "add milk", request_id="K:user")
+            assert not retry.created and retry.message.conversation_id == 1
+            history = await alice.ListHistory(pb.ListHistoryRequest())
+            assert [(m.conversation_id, m.id) for m in history.messages] == [(2, 1), (1, 2), (1, 1)]
+    finally:
+        process.stop()
+
+
+def _round_1_database(url: str) -> None:
+    """A database at revision 0001 with alice's rows, one request id in two conversations."""
+    config = Config()
+    config.set_main_option("script_location", str(ROOT / "conversation_service" / "migrations"))
+    config.attributes["database_url"] = sync_url(url)
+    command.upgrade(config, "0001")
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    rows = [(1, 1, "user", "add milk", "K:user", 0), (1, 2, "assistant", "Added.", "K:assistant", 1)]
+    rows.append((2, 1, "user", "add milk", "K:user", 2))
+    engine = sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            for conversation_id in (1, 2):
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO conversations (user_id, id, title, last_message_id, created_at, updated_at) "
+                        "VALUES ('alice', :id, 'old', 2, :at, :at)"
+                    ),
+                    {"id": conversation_id, "at": start},
+                )
+            conn.execute(sa.text("INSERT INTO conversation_counters (user_id, last_id) VALUES ('alice', 2)"))
+            for conversation_id, message_id, role, content, request_id, seconds in rows:
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO messages (user_id, conversation_id, id, role, content, tool_calls, request_id, "
+                        "created_at) VALUES ('alice', :c, :m, :role, :content, '[]', :request_id, :at)"
+                    ),
+                    {
+                        "c": conversation_id,
+                        "m": message_id,
+                        "role": role,
+                        "content": content,
+                        "request_id": request_id,
+                        "at": start + timedelta(seconds=seconds),
+                    },
+                )
+    finally:
+        engine.dispose()
 
 
 # Last in the module: it restarts the shared service process.

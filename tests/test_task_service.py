@@ -375,3 +375,74 @@ async def test_fifty_concurrent_creates_get_ids_one_to_fifty(new_user: Callable[
     assert await alice.ids() == list(range(1, 51))
     titles = {task.id: task.title for task in (await alice.page(page_size=100)).tasks}
     assert sorted(titles.values()) == sorted(f"task {number}" for number in range(50))
+
+
+# --- planning: the activity log and undo under concurrency, the source of a change --------------
+
+
+async def test_concurrent_undos_each_revert_a_different_change(new_user: Callable[[], Tasks]) -> None:
+    alice = new_user()
+    for number in range(8):
+        await alice.create(f"task {number}")
+    undo = task_pb2.UndoRequest()
+    # The event counter's row lock serializes them: no two revert the same change, none is lost.
+    reverts = await asyncio.gather(*(alice._call("Undo", undo) for _ in range(8)))
+    assert sorted(event.task_id for event in reverts) == list(range(1, 9))
+    assert {event.action for event in reverts} == {"deleted"}
+    assert await alice.ids() == []
+    assert_not_found_text = await refused(alice._call("Undo", undo))
+    assert assert_not_found_text.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_changes_and_undos_at_once_keep_the_log_and_tasks_consistent(new_user: Callable[[], Tasks]) -> None:
+    alice = new_user()
+    for number in range(6):
+        await alice.create(f"task {number}")
+    # Writes to several tasks and undos interleaved: no deadlock, every call answers.
+    calls = [alice.update(task_id, title=f"renamed {task_id}") for task_id in range(1, 7)]
+    calls += [alice.complete(task_id) for task_id in range(1, 7)]
+    calls += [alice._call("Undo", task_pb2.UndoRequest()) for _ in range(4)]
+    await asyncio.gather(*calls)
+    events = (await alice._call("ListActivity", task_pb2.ListActivityRequest(page_size=100))).events
+    assert [event.id for event in events] == list(range(len(events), 0, -1))  # dense, newest first
+    assert len(events) == 6 + 12 + 4
+    assert sum(event.undone for event in events) == 4
+    # Replaying the surviving changes' "after" gives exactly the tasks there are now.
+    state: dict[int, Any] = {}
+    for event in reversed(events):
+        if event.HasField("after"):
+            state[event.task_id] = event.after
+        else:
+            state.pop(event.task_id, None)
+    now = {task.id: task for task in (await alice.page(page_size=100)).tasks}
+    assert now == state
+
+
+@pytest.mark.parametrize(("sent", "recorded"), [("chat", "chat"), ("mcp", "mcp"), ("admin", "rest"), (None, "rest")])
+async def test_the_source_of_a_change_comes_from_metadata(
+    new_user: Callable[[], Tasks], sent: str | None, recorded: str
+) -> None:
+    alice = new_user()
+    metadata = alice.metadata + ((("x-todo-source", sent),) if sent else ())
+    await alice.stub.CreateTask(task_pb2.CreateTaskRequest(title="t"), metadata=metadata, timeout=TIMEOUT)
+    [event] = (await alice._call("ListActivity", task_pb2.ListActivityRequest())).events
+    assert (event.action, event.source) == ("created", recorded)
+
+
+async def test_settings_and_tags_over_grpc(new_user: Callable[[], Tasks]) -> None:
+    alice = new_user()
+    assert (await alice._call("GetSettings", task_pb2.GetSettingsRequest())).timezone == "UTC"
+    updated = await alice._call("UpdateSettings", task_pb2.UpdateSettingsRequest(timezone="Asia/Tokyo"))
+    assert updated.timezone == "Asia/Tokyo"
+    assert (await alice._call("GetSettings", task_pb2.GetSettingsRequest())).timezone == "Asia/Tokyo"
+    assert_invalid(
+        await refused(alice._call("UpdateSettings", task_pb2.UpdateSettingsRequest(timezone="x"))), "timezone"
+    )
+    created = await alice._call("CreateTask", task_pb2.CreateTaskRequest(title="t", tags=["A", "b"]))
+    assert list(created.tags) == ["a", "b"]
+    request = task_pb2.UpdateTaskRequest(task_id=created.id)
+    request.tags.SetInParent()  # present and empty: clear the tags
+    assert list((await alice._call("UpdateTask", request)).tags) == []
+    request = task_pb2.UpdateTaskRequest(task_id=created.id)
+    request.tags.append(3)
+    assert_invalid(await refused(alice._call("UpdateTask", request)), "tags")
