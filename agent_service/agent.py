@@ -10,9 +10,18 @@ outcome, then `Done` or `Failed` — that both Chat and ChatStream consume:
    another user's conversation is NOT_FOUND here), and the same call returns the history
    window: two conversation_service calls per turn in all;
 4. the rest runs as a background task bounded in time (steps x model timeout, at most
-   AGENT_TURN_TIMEOUT_SECONDS): loop model step → tools (all calls of one step concurrently)
-   until the model answers in text or the step bound is reached, store the assistant's
-   message, `Done`.
+   AGENT_TURN_TIMEOUT_SECONDS): loop model step → tools until the model answers in text or
+   the step bound is reached, store the assistant's message, `Done`.
+
+Tools run within a budget (`ToolBudget`): at most AGENT_MAX_TOOL_CALLS_PER_STEP calls of one
+step and AGENT_MAX_TOOL_CALLS_PER_TURN in the turn, AGENT_TOOL_CONCURRENCY at a time; calls
+past it become tool errors the model can explain, and once the user's write budget answers
+RESOURCE_EXHAUSTED no further write is attempted in the turn. So one message cannot fan out
+into a thousand calls that starve everyone else.
+
+A turn that fails after tools ran loses nothing: the assistant message is stored with the
+tool calls that ran and a note that the turn did not finish, and the error names the actions
+that were carried out.
 
 The background task finishes even if the client goes away, so a retry with the same key
 finds the stored answer instead of running the tools again. A retry that arrives while the
@@ -29,21 +38,22 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import grpc
 
 from agent_service import history, tools
 from agent_service.llm import ModelClient, ModelToolCall
-from agent_service.prompt import SYSTEM_PROMPT
-from common import validation
+from agent_service.prompt import system_prompt
+from common import metrics, validation
 from common.auth import Caller, authorized_user, current_caller
 from common.clients import caller_metadata
 from common.errors import InvalidArgument, ServiceError, Unavailable, status_for
 from common.settings import Settings
-from todo.v1 import agent_pb2, conversation_pb2, conversation_pb2_grpc, task_pb2_grpc
+from todo.v1 import agent_pb2, conversation_pb2, conversation_pb2_grpc, task_pb2, task_pb2_grpc
 
 log = logging.getLogger("agent")
 
@@ -53,7 +63,16 @@ TOOL_NAME_MAX = 255  # what conversation_service stores
 RETRY_POLL_SECONDS = 0.25  # how often a retried turn looks for the first attempt's answer
 RETRY_WAIT_SECONDS = 30.0  # how long it looks at most
 REUSED_KEY = "idempotency_key was already used for a different message"
-UPSTREAM_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# Our own service down, slow, or the call cancelled under it (overload, shutdown): UNAVAILABLE.
+DEFAULT_TIMEZONE = "UTC"
+# conversation_service stores at most 100 tool calls with a message: the calls a turn runs (at
+# most AGENT_MAX_TOOL_CALLS_PER_TURN, capped below this) and the first refusals of its budget.
+MAX_RECORDED_CALLS = 100
+MAX_RECORDED_REFUSALS = 20
+# An error's message travels in gRPC trailers (grpc-message): a long one would break the
+# HTTP/2 connection it shares with other users' calls, so a failed turn names a few actions.
+MAX_NAMED_ACTIONS = 10
+UPSTREAM_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,7 @@ class Stored:
     message: conversation_pb2.Message
     created: bool
     history: list[conversation_pb2.Message]
+    timezone: str = DEFAULT_TIMEZONE  # the user's, for the system prompt
 
 
 class Agent:
@@ -127,6 +147,12 @@ class Agent:
         self._model = model
         self._max_steps = max(1, settings.agent_max_steps)
         self._window = min(max(0, settings.agent_history_window), 99)
+        self._tools_per_step = max(1, settings.agent_max_tool_calls_per_step)
+        # Every call that runs is stored with the answer: within conversation_service's bound.
+        self._tools_per_turn = min(
+            max(1, settings.agent_max_tool_calls_per_turn), MAX_RECORDED_CALLS - MAX_RECORDED_REFUSALS
+        )
+        self._tool_concurrency = max(1, settings.agent_tool_concurrency)
         self._tool_schemas = [tool.openai_schema() for tool in tools.for_surface("chat")]
         # A turn ends well before the gateway gives up on it, so the client gets our answer.
         self.turn_seconds = min(settings.llm_timeout_seconds * self._max_steps, settings.agent_turn_timeout_seconds)
@@ -140,17 +166,23 @@ class Agent:
         authorized_user(request.user_id)
         text = validation.message_text(request.message)
         key = idempotency_key(header_key, request.idempotency_key)
-        turn = Turn(caller, await self._conversation(request, caller, key), text, key)
         if key:
-            answered = await self._answer(turn)
+            # A key is the user's, whatever conversation it came with: a retry replays the first
+            # answer where that turn really happened, and never creates a conversation.
+            answered = await self._answer(caller, key)
             if answered is not None:
-                await self._check_same_message(turn)
-                for event in replay(turn.conversation_id, answered):
+                await self._check_same_message(caller, key, text)
+                metrics.chat_turn("replayed")
+                for event in replay(answered):
                     yield event
                 return
+        turn = Turn(caller, await self._conversation(request, caller, key), text, key)
         # Stored first, so it is kept whatever fails next; a missing or foreign conversation is
         # NOT_FOUND here, still a plain status. The same call brings the history window.
-        stored = await self._append(turn, "user", turn.text, [], history_limit=self._window)
+        stored, timezone = await asyncio.gather(
+            self._append(turn, "user", turn.text, [], history_limit=self._window), self._timezone(caller)
+        )
+        stored = replace(stored, timezone=timezone)
         events: asyncio.Queue[Event] = asyncio.Queue()
         self._start(self._run_bounded(turn, stored, events.put))
         while True:
@@ -185,38 +217,50 @@ class Agent:
             )
             return int(created.id)
 
-    async def _answer(self, turn: Turn) -> conversation_pb2.Message | None:
-        """The assistant message stored for this turn's key, if the turn already ran."""
-        request = conversation_pb2.GetMessageByRequestIdRequest(
-            conversation_id=turn.conversation_id, request_id=turn.request_id("assistant")
-        )
+    async def _timezone(self, caller: Caller) -> str:
+        """The user's timezone (task_service's settings), so the model knows the user's today;
+        UTC if task_service can't say (a turn without tools still works)."""
+        try:
+            settings = await self._tasks.GetSettings(
+                task_pb2.GetSettingsRequest(), metadata=caller_metadata(caller), timeout=RPC_TIMEOUT_SECONDS
+            )
+            ZoneInfo(settings.timezone)
+            return settings.timezone or DEFAULT_TIMEZONE
+        except (grpc.aio.AioRpcError, ValueError, KeyError) as error:
+            log.warning("user settings unavailable, using UTC", extra={"error": repr(error)[:200]})
+            return DEFAULT_TIMEZONE
+
+    async def _answer(self, caller: Caller, key: str) -> conversation_pb2.Message | None:
+        """The assistant message stored for this key (in any of the user's conversations), if
+        the turn already ran."""
+        # conversation_id 0: request ids are unique per user, so look in all their conversations.
+        request = conversation_pb2.GetMessageByRequestIdRequest(conversation_id=0, request_id=f"{key}:assistant")
         try:
             with upstream("conversation service"):
                 return await self._conversations.GetMessageByRequestId(
-                    request, metadata=caller_metadata(turn.caller), timeout=RPC_TIMEOUT_SECONDS
+                    request, metadata=caller_metadata(caller), timeout=RPC_TIMEOUT_SECONDS
                 )
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise
 
-    async def _check_same_message(self, turn: Turn) -> None:
+    async def _check_same_message(self, caller: Caller, key: str, text: str) -> None:
         """A key reused for another message is a client bug: refuse it rather than answer the wrong turn."""
-        request = conversation_pb2.GetMessageByRequestIdRequest(
-            conversation_id=turn.conversation_id, request_id=turn.request_id("user")
-        )
+        request = conversation_pb2.GetMessageByRequestIdRequest(conversation_id=0, request_id=f"{key}:user")
         with upstream("conversation service"):
             stored = await self._conversations.GetMessageByRequestId(
-                request, metadata=caller_metadata(turn.caller), timeout=RPC_TIMEOUT_SECONDS
+                request, metadata=caller_metadata(caller), timeout=RPC_TIMEOUT_SECONDS
             )
-        if stored.content != turn.text:
+        if stored.content != text:
             raise InvalidArgument(REUSED_KEY)
 
     async def _run_bounded(self, turn: Turn, stored: Stored, emit: Emit) -> None:
         failed: Failed | None = None
+        ran: list[conversation_pb2.ToolCall] = []  # the tools this attempt ran, kept if it fails
         try:
             async with asyncio.timeout(self.turn_seconds) as bound:
-                await self._run(turn, stored, emit)
+                await self._run(turn, stored, emit, ran)
         except TimeoutError as error:
             if bound.expired():
                 failed = Failed(
@@ -227,12 +271,29 @@ class Agent:
         except Exception as error:
             failed = failure(error)
         if failed is not None:
+            if any(not was_refused(call) for call in ran):
+                failed = await self._keep_unfinished(turn, failed, ran)
             if id(turn) in self._owners:
                 self._failed_keys.remember(turn, failed, self.turn_seconds)
             await emit(failed)
+        metrics.chat_turn(failed.code if failed is not None else "ok")
         self._owners.discard(id(turn))
 
-    async def _run(self, turn: Turn, stored: Stored, emit: Emit) -> None:
+    async def _keep_unfinished(self, turn: Turn, failed: Failed, ran: list[conversation_pb2.ToolCall]) -> Failed:
+        """A turn that failed after tools ran: store what ran (so the next turn's history and the
+        conversation show it) and say so in the error."""
+        named = [describe(call) for call in ran if not was_refused(call)]
+        if len(named) > MAX_NAMED_ACTIONS:
+            named = [*named[:MAX_NAMED_ACTIONS], f"and {len(named) - MAX_NAMED_ACTIONS} more"]
+        done = "; ".join(named)
+        note = f"(This turn did not finish: {failed.message}. What was done before it stopped: {done}.)"
+        try:
+            await self._append(turn, "assistant", note, ran)
+        except Exception as error:  # the conversation service may be what failed
+            log.warning("could not store an unfinished turn", extra={"error": repr(error)})
+        return Failed(failed.code, f"{failed.message}; some actions were carried out before it failed: {done}")
+
+    async def _run(self, turn: Turn, stored: Stored, emit: Emit, ran: list[conversation_pb2.ToolCall]) -> None:
         if not stored.created:
             await self._follow_first_attempt(turn, stored.message, emit)
             return
@@ -240,9 +301,10 @@ class Agent:
             self._owners.add(id(turn))  # this attempt holds the key: a failure of it is remembered
         started = time.perf_counter()
         earlier = list(stored.history)
-        messages = history.model_messages(SYSTEM_PROMPT, earlier, turn.text)
-        text, calls = await self._loop(turn, messages, emit)
-        await self._append(turn, "assistant", text, calls)
+        prompt = system_prompt(datetime.now(ZoneInfo(stored.timezone)), stored.timezone)
+        messages = history.model_messages(prompt, earlier, turn.text)
+        text, calls = await self._loop(turn, messages, emit, ran)
+        answer = await self._append(turn, "assistant", text, calls)
         log.info(
             "chat turn",
             extra={
@@ -253,14 +315,20 @@ class Agent:
                 "ms": round((time.perf_counter() - started) * 1000, 1),
             },
         )
-        await emit(Done(agent_pb2.ChatResponse(conversation_id=turn.conversation_id, response=text, tool_calls=calls)))
+        response = agent_pb2.ChatResponse(
+            conversation_id=turn.conversation_id, response=text, tool_calls=calls, message_id=answer.message.id
+        )
+        await emit(Done(response))
 
     async def _loop(
-        self, turn: Turn, messages: list[dict[str, Any]], emit: Emit
+        self, turn: Turn, messages: list[dict[str, Any]], emit: Emit, calls: list[conversation_pb2.ToolCall]
     ) -> tuple[str, list[conversation_pb2.ToolCall]]:
-        """Model steps until a text answer (or the step bound); returns the text and the tools run."""
+        """Model steps until a text answer (or the step bound); returns the text and the tools run
+        (also added to `calls` as they finish)."""
         speech = Speech(emit)
-        calls: list[conversation_pb2.ToolCall] = []
+        budget = ToolBudget(self._tools_per_step, self._tools_per_turn)
+        refusals_recorded = 0
+        unrecorded = 0  # refused calls past MAX_RECORDED_REFUSALS, counted instead of stored
         for step in range(1, self._max_steps + 1):
             speech.next_step()
             reply = await self._model.step(messages, self._tool_schemas, speech.say)
@@ -268,25 +336,42 @@ class Agent:
                 break
             for index, requested in enumerate(reply.tool_calls):
                 requested.id = requested.id or f"call_s{step}_{index}"
-            messages.append(assistant_step(reply.text, reply.tool_calls))
-            for requested, ran in zip(
-                reply.tool_calls, await self._run_tools(turn.caller, reply.tool_calls), strict=True
-            ):
-                messages.append(
-                    {"role": "tool", "tool_call_id": requested.id, "content": json.dumps(history.outcome_of(ran))}
-                )
-                calls.append(ran)
-                await emit(ToolRun(ran))
+            outcomes = await self._run_tools(turn.caller, reply.tool_calls, budget)
+            messages.extend(step_messages(reply.text, reply.tool_calls, outcomes))
+            for ran in outcomes:
+                if not was_refused(ran) or refusals_recorded < MAX_RECORDED_REFUSALS:
+                    refusals_recorded += was_refused(ran)
+                    calls.append(ran)
+                    await emit(ToolRun(ran))
+                else:  # counted, not stored one by one: each costs a tool call proto and bytes
+                    unrecorded += 1
         else:
             await speech.say_apart(stopped_early(self._max_steps, calls))
+        if unrecorded:
+            await speech.say_apart(f"({unrecorded} more requested actions were not carried out: too many at once.)")
         if not speech.text.strip():
             await speech.say_apart(fallback_answer(calls))
         # Stored as a message: within its limits, whatever the model produced.
         return speech.text.replace("\x00", "")[: validation.MESSAGE_MAX], calls
 
-    async def _run_tools(self, caller: Caller, requested: list[ModelToolCall]) -> list[conversation_pb2.ToolCall]:
-        """All tool calls of one step, concurrently; a failing service fails the turn."""
-        outcomes = await asyncio.gather(*(self._run_tool(caller, call) for call in requested), return_exceptions=True)
+    async def _run_tools(
+        self, caller: Caller, requested: list[ModelToolCall], budget: ToolBudget
+    ) -> list[conversation_pb2.ToolCall]:
+        """The tool calls of one step, a few at a time and within the turn's budget; a failing
+        service fails the turn."""
+        admitted = budget.admit(len(requested))
+        slots = asyncio.Semaphore(self._tool_concurrency)
+
+        async def run(call: ModelToolCall, refusal: str | None) -> conversation_pb2.ToolCall:
+            if refusal is None:
+                async with slots:
+                    return await self._run_tool(caller, call, budget)
+            tools.account(call.name, tools.ToolContext(caller, self._tasks), "refused", "tool_budget")
+            return history.tool_call(tool_name(call), recorded_arguments(call.arguments), error=refusal)
+
+        outcomes = await asyncio.gather(
+            *(run(call, refusal) for call, refusal in zip(requested, admitted, strict=True)), return_exceptions=True
+        )
         ran: list[conversation_pb2.ToolCall] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -294,16 +379,22 @@ class Agent:
             ran.append(outcome)
         return ran
 
-    async def _run_tool(self, caller: Caller, requested: ModelToolCall) -> conversation_pb2.ToolCall:
+    async def _run_tool(
+        self, caller: Caller, requested: ModelToolCall, budget: ToolBudget
+    ) -> conversation_pb2.ToolCall:
         arguments = recorded_arguments(requested.arguments)
-        # Whatever name the model made up is recorded, within what a stored tool call may hold.
-        name = requested.name.replace("\x00", "").strip()[:TOOL_NAME_MAX] or "(no name)"
+        name = tool_name(requested)
+        context = tools.ToolContext(caller, self._tasks, self._conversations)
+        if budget.writes_stopped and tools.is_write(requested.name):
+            tools.account(requested.name, context, "refused", "write_budget_spent")
+            return history.tool_call(name, arguments, error=WRITES_STOPPED)
         try:
             with upstream("task service"):
-                context = tools.ToolContext(caller, self._tasks, self._conversations)
                 result = await tools.execute(requested.name, requested.arguments, context)
         except tools.ToolError as error:
             log.info("tool error", extra={"tool": name, "error": str(error)})
+            if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                budget.writes_stopped = True
             return history.tool_call(name, arguments, error=str(error))
         return history.tool_call(name, arguments, result=result)
 
@@ -343,13 +434,47 @@ class Agent:
                     f"the first request with this Idempotency-Key failed ({first_failure.message}); "
                     "send the message again with a new key"
                 )
-            answered = await self._answer(turn)
+            answered = await self._answer(turn.caller, turn.key)
             if answered is not None:
-                for event in replay(turn.conversation_id, answered):
+                for event in replay(answered):
                     await emit(event)
                 return
             await asyncio.sleep(RETRY_POLL_SECONDS)
         raise Aborted("a request with this Idempotency-Key is still in progress")
+
+
+NOT_RUN = "not run: "  # how a refused call's error starts
+WRITES_STOPPED = NOT_RUN + "the user's write budget is spent for now (rate limit); try again in a minute"
+
+
+def was_refused(call: conversation_pb2.ToolCall) -> bool:
+    return call.HasField("error") and call.error.startswith(NOT_RUN)
+
+
+class ToolBudget:
+    """How many tool calls a turn may still run, and whether it may still write."""
+
+    def __init__(self, per_step: int, per_turn: int) -> None:
+        self.per_step, self.per_turn = per_step, per_turn
+        self.used = 0
+        self.writes_stopped = False  # set by the first RESOURCE_EXHAUSTED of the turn
+
+    def admit(self, count: int) -> list[str | None]:
+        """For each of a step's `count` calls: None (it runs) or why it does not."""
+        refusals: list[str | None] = []
+        for index in range(count):
+            if index >= self.per_step:
+                refusals.append(
+                    f"{NOT_RUN}at most {self.per_step} tool calls per step; ask the user to split the request"
+                )
+            elif self.used >= self.per_turn:
+                refusals.append(
+                    f"{NOT_RUN}at most {self.per_turn} tool calls per turn; ask the user to continue in a new message"
+                )
+            else:
+                self.used += 1
+                refusals.append(None)
+        return refusals
 
 
 class FailedKeys:
@@ -361,7 +486,7 @@ class FailedKeys:
     MAX_ENTRIES = 10_000
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, int, str], tuple[float, Failed]] = {}
+        self._entries: dict[tuple[str, str], tuple[float, Failed]] = {}
 
     def remember(self, turn: Turn, failed: Failed, seconds: float) -> None:
         now = time.monotonic()
@@ -378,8 +503,8 @@ class FailedKeys:
         return entry[1]
 
     @staticmethod
-    def _key(turn: Turn) -> tuple[str, int, str]:
-        return (turn.caller.user_id, turn.conversation_id, turn.key)
+    def _key(turn: Turn) -> tuple[str, str]:
+        return (turn.caller.user_id, turn.key)  # a key is the user's, whatever the conversation
 
 
 class Speech:
@@ -434,12 +559,20 @@ def idempotency_key(header: str, field: str) -> str:
     return key
 
 
-def replay(conversation_id: int, answered: conversation_pb2.Message) -> list[Event]:
-    """A stored answer as the events of a turn (tools are not run again)."""
+def replay(answered: conversation_pb2.Message) -> list[Event]:
+    """A stored answer as the events of a turn (tools are not run again), in its own conversation."""
     response = agent_pb2.ChatResponse(
-        conversation_id=conversation_id, response=answered.content, tool_calls=answered.tool_calls
+        conversation_id=answered.conversation_id,
+        response=answered.content,
+        tool_calls=answered.tool_calls,
+        message_id=answered.id,
     )
     return [*(ToolRun(call) for call in answered.tool_calls), Delta(answered.content), Done(response)]
+
+
+def tool_name(call: ModelToolCall) -> str:
+    """Whatever name the model made up, within what a stored tool call may hold."""
+    return call.name.replace("\x00", "").strip()[:TOOL_NAME_MAX] or "(no name)"
 
 
 def recorded_arguments(raw: str) -> dict[str, Any]:
@@ -451,11 +584,37 @@ def recorded_arguments(raw: str) -> dict[str, Any]:
         return {}
 
 
+def step_messages(
+    text: str, requested: list[ModelToolCall], outcomes: list[conversation_pb2.ToolCall]
+) -> list[dict[str, Any]]:
+    """What the model is told of its step: its tool-call message and each result.
+
+    Of the calls refused by the budget only the first is echoed (its error says how many more
+    were not run): a step asking for a thousand calls would otherwise make every later request
+    of the turn carry a thousand calls and results, and the agent's CPU would go to that."""
+    shown = [(call, ran) for call, ran in zip(requested, outcomes, strict=True) if not was_refused(ran)]
+    refused = [(call, ran) for call, ran in zip(requested, outcomes, strict=True) if was_refused(ran)]
+    results = [history.outcome_of(ran) for _, ran in shown]
+    if refused:
+        first_call, first_refusal = refused[0]
+        shown.append((first_call, first_refusal))
+        more = f" ({len(refused) - 1} more calls of this step were not run either)" if len(refused) > 1 else ""
+        results.append({"error": first_refusal.error + more})
+    messages = [assistant_step(text, [call for call, _ in shown])]
+    messages += [
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}
+        for (call, _), result in zip(shown, results, strict=True)
+    ]
+    return messages
+
+
 def assistant_step(text: str, calls: list[ModelToolCall]) -> dict[str, Any]:
     """The model's own tool-calling message, sent back to it with the results."""
     return {
         "role": "assistant",
-        "content": text or None,
+        # A string, never null: llama.cpp's server rejects `"content": null` with a 500, and
+        # OpenAI, vLLM, Ollama and Groq all take a string.
+        "content": text,
         "tool_calls": [
             {
                 "id": call.id,

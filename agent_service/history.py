@@ -41,7 +41,8 @@ def stored_message(stored: conversation_pb2.Message) -> list[dict[str, Any]]:
         messages.append(
             {
                 "role": "assistant",
-                "content": None,
+                # A string, never null: llama.cpp's server (and others) reject a null content.
+                "content": "",
                 "tool_calls": [
                     {
                         "id": call_id,

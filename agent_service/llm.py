@@ -5,14 +5,19 @@ Every model goes through the `openai` SDK, the built-in one too (served in proce
 stream can forward real text deltas; tool-call argument fragments are put back together by
 their index.
 
-Retries are the SDK's: with `max_retries=N` it retries 429, 408, 409, every 5xx, connection
-errors and timeouts with exponential backoff (0.5 s doubling, at most 8 s, minus up to 25 %
-jitter), or after the delay the server names in `retry-after-ms` / `retry-after` (up to two
-minutes; longer ones are not retried). What still fails after that becomes a gRPC status here.
+Retries are ours, not the SDK's (its `max_retries` is 0): LLM_MAX_RETRIES more attempts on
+connection errors, timeouts, 408, 409, 429 and 5xx, with exponential backoff (0.5 s doubling,
+at most 8 s) or after the delay the server names in `retry-after(-ms)` (up to 20 s). A request the
+server calls invalid — 400/422, or a 500 whose body says so (llama.cpp's server answers a
+request it cannot parse with a 500) — is not retried: it would fail the same way. Nothing is
+retried once text has reached the client. Each failed request is logged once, with the
+status, a short excerpt of the body and the model name (never the messages or the key).
+What still fails becomes a gRPC status here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,12 +30,20 @@ from openai import AsyncStream
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from agent_service.builtin_model import create_app
+from common import metrics, tracing
 from common.errors import DeadlineExceeded, ServiceError, Unavailable
 from common.settings import Settings
 
 log = logging.getLogger("llm")
 
 BUILTIN_BASE_URL = "http://builtin-model/v1"
+RETRIED_STATUSES = {408, 409, 429}
+# Words in a 5xx body that mean the server could not accept the request itself, so the same
+# request would fail again (llama.cpp's server: "Input should be a valid string").
+INVALID_REQUEST_WORDS = ("invalid", "validation", "input should", "unsupported", "not supported", "malformed")
+BODY_EXCERPT_CHARS = 200
+MAX_BACKOFF_SECONDS = 8.0
+MAX_RETRY_AFTER_SECONDS = 20.0
 
 
 class ModelRejected(ServiceError):
@@ -72,55 +85,126 @@ class ModelClient:
 
     async def step(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], on_text: OnText) -> ModelReply:
         """One streamed completion; text pieces go to `on_text` as they arrive."""
-        try:
-            return await self._stream(messages, tools, on_text)
-        except openai.APITimeoutError as error:
-            raise DeadlineExceeded(
-                f"the model did not answer within {self.timeout:g} s ({self.attempts} attempt(s))"
-            ) from error
-        except openai.APIConnectionError as error:
-            log.warning("model unreachable: %s", error)
-            raise Unavailable("the model is unavailable; try again later") from error
-        except openai.RateLimitError as error:
-            raise Unavailable("the model is rate limited; try again later") from error
-        except openai.APIStatusError as error:
-            if error.status_code >= 500 or error.status_code in (408, 409):
-                raise Unavailable("the model is unavailable; try again later") from error
-            log.error("the model rejected the request: HTTP %s %s", error.status_code, error.message)
-            raise ModelRejected(f"the model rejected the request (HTTP {error.status_code})") from error
-        except openai.APIError as error:  # an error event inside the stream
-            log.warning("model stream error: %s", error.message)
-            raise Unavailable("the model failed while answering; try again later") from error
+        spoke = False
+
+        async def tracked(piece: str) -> None:
+            nonlocal spoke
+            spoke = True
+            await on_text(piece)
+
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await self._stream(messages, tools, tracked)
+            except openai.APIError as error:
+                log_failure(self.model, attempt, error)
+                delay = retry_delay(error, attempt)
+                if spoke or attempt == self.attempts or delay is None:
+                    raise self._status(error, attempt) from error
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def _status(self, error: openai.APIError, attempts: int) -> ServiceError:
+        """A failed model request as the gRPC status the turn fails with."""
+        if isinstance(error, openai.APITimeoutError):
+            return DeadlineExceeded(f"the model did not answer within {self.timeout:g} s ({attempts} attempt(s))")
+        if isinstance(error, openai.APIConnectionError):
+            return Unavailable("the model is unavailable; try again later")
+        if isinstance(error, openai.RateLimitError):
+            return Unavailable("the model is rate limited; try again later")
+        if isinstance(error, openai.APIStatusError):
+            if is_invalid_request(error):
+                return ModelRejected(f"the model rejected the request (HTTP {error.status_code})")
+            return Unavailable("the model is unavailable; try again later")
+        return Unavailable("the model failed while answering; try again later")  # an error event inside the stream
 
     async def _stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], on_text: OnText) -> ModelReply:
-        # The SDK's documented raw `post`, with the same path, auth, retries and chunk types as
+        # The SDK's documented raw `post`, with the same path, auth and chunk types as
         # `chat.completions.create`, minus its walk of every message against its typed params:
         # our dicts already are the wire JSON, and that walk was 30-45% of the agent's CPU per
         # turn (bench/NOTES.md).
-        body = {"model": self.model, "messages": messages, "tools": tools, "stream": True}
-        stream = await self._client.post(
-            "/chat/completions",
-            cast_to=ChatCompletion,
-            body=body,
-            options={"security": {"bearer_auth": True}},
-            stream=True,
-            stream_cls=AsyncStream[ChatCompletionChunk],
-        )
+        # include_usage: the last chunk reports the tokens used (todo_model_tokens_total).
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "tools": tools,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         reply = ModelReply()
         calls: dict[int, ModelToolCall] = {}
-        async with stream:
-            async for chunk in stream:
-                for choice in chunk.choices or []:
-                    delta = choice.delta
-                    if delta is None:
-                        continue
-                    if delta.content:
-                        reply.text += delta.content
-                        await on_text(delta.content)
-                    for fragment in delta.tool_calls or []:
-                        _merge_fragment(calls, fragment)
+        span_attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": self.model}
+        # One span and one todo_model_requests_total / todo_model_request_seconds sample per
+        # request (each retry is its own); the request carries the span's traceparent.
+        with tracing.span(f"chat {self.model}", span_attributes), metrics.model_request() as measured:
+            stream = await self._client.post(
+                "/chat/completions",
+                cast_to=ChatCompletion,
+                body=body,
+                options={"security": {"bearer_auth": True}, "headers": tracing.inject_headers()},
+                stream=True,
+                stream_cls=AsyncStream[ChatCompletionChunk],
+            )
+            async with stream:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        measured.tokens(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    for choice in chunk.choices or []:
+                        delta = choice.delta
+                        if delta is None:
+                            continue
+                        if delta.content:
+                            reply.text += delta.content
+                            await on_text(delta.content)
+                        for fragment in delta.tool_calls or []:
+                            _merge_fragment(calls, fragment)
         reply.tool_calls = [call for _, call in sorted(calls.items()) if call.kind == "function"]
         return reply
+
+
+def body_excerpt(error: openai.APIStatusError) -> str:
+    """The start of the error body the server sent (our request's contents are never in it)."""
+    try:
+        text = error.response.text
+    except Exception:  # a streamed response whose body was not read
+        text = str(error.body or error.message)
+    return " ".join(text.split())[:BODY_EXCERPT_CHARS]
+
+
+def is_invalid_request(error: openai.APIStatusError) -> bool:
+    """The server says the request itself is wrong: sending it again would fail the same way."""
+    if error.status_code < 500:
+        return error.status_code not in RETRIED_STATUSES
+    return any(word in body_excerpt(error).lower() for word in INVALID_REQUEST_WORDS)
+
+
+def retry_delay(error: openai.APIError, attempt: int) -> float | None:
+    """How long to wait before the next attempt, or None when this failure is not worth retrying."""
+    backoff = min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS)
+    if not isinstance(error, openai.APIStatusError):
+        return backoff  # connection errors, timeouts, an error event in the stream
+    if is_invalid_request(error):
+        return None
+    headers = error.response.headers
+    try:
+        if "retry-after-ms" in headers:
+            named = float(headers["retry-after-ms"]) / 1000
+        elif "retry-after" in headers:
+            named = float(headers["retry-after"])
+        else:
+            return backoff
+    except ValueError:
+        return backoff
+    return named if 0 <= named <= MAX_RETRY_AFTER_SECONDS else None
+
+
+def log_failure(model: str, attempt: int, error: openai.APIError) -> None:
+    """One line per failed model request: what the server said, never what we sent."""
+    fields: dict[str, Any] = {"model": model, "attempt": attempt, "error": type(error).__name__}
+    if isinstance(error, openai.APIStatusError):
+        fields.update(status=error.status_code, body=body_excerpt(error))
+    else:
+        fields["detail"] = str(error)[:BODY_EXCERPT_CHARS]
+    log.warning("model request failed", extra=fields)
 
 
 def _merge_fragment(calls: dict[int, ModelToolCall], fragment: Any) -> None:
@@ -153,7 +237,7 @@ def _openai_client(settings: Settings) -> openai.AsyncOpenAI:
             base_url=settings.llm_base_url,
             api_key=settings.llm_api_key or "none",
             timeout=settings.llm_timeout_seconds,
-            max_retries=settings.llm_max_retries,
+            max_retries=0,  # ModelClient.step retries, knowing which failures are worth it
         )
     # No endpoint configured: the built-in model, served in process over the same protocol.
     transport = httpx2.ASGITransport(app=create_app())

@@ -8,8 +8,6 @@ task_service verifies the very same token again (it never trusts the agent's wor
 
 from __future__ import annotations
 
-import logging
-
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
@@ -19,11 +17,10 @@ from starlette.authentication import AuthenticationError
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 
+from common import audit
 from common.auth import Caller, TokenVerifier
 from common.errors import Unauthenticated, Unavailable
 from common.settings import Settings
-
-log = logging.getLogger("agent_service.mcp")
 
 MCP_PATH = "/mcp"
 
@@ -42,7 +39,7 @@ class SubjectTokenVerifier:
         try:
             subject = await self._verifier.verify(token)
         except Unauthenticated as error:
-            log.info("mcp token refused", extra={"reason": error.message})
+            audit.record("auth_refused", surface="mcp", method=MCP_PATH, user=None, reason=error.reason)
             return None  # the SDK answers 401 with the resource-metadata pointer
         except Unavailable as error:
             raise KeysUnavailable(error.message) from error

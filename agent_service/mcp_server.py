@@ -20,6 +20,7 @@ import asyncio
 import copy
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -34,17 +35,22 @@ from mcp.server.lowlevel.server import Server
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.authentication import AuthenticationBackend
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent_service import tools
+from agent_service.agent import Agent
+from agent_service.chatkit_server import CHATKIT_PATH, ChatKitApp
 from agent_service.mcp_auth import MCP_PATH, SubjectTokenVerifier, auth_error_response, auth_settings, caller_of
-from common.auth import Caller, TokenVerifier
+from common import audit
+from common.auth import TokenVerifier
 from common.logs import request_id_var
 from common.settings import Settings
-from todo.v1 import task_pb2_grpc
+from todo.v1 import conversation_pb2_grpc, task_pb2_grpc
 
 log = logging.getLogger("agent_service.mcp")
 
@@ -52,9 +58,14 @@ SERVER_NAME = "todo-tasks"
 SERVER_VERSION = "1.0.0"
 LIST_RESULT_KEY = "tasks"  # list_tasks' structuredContent: {"tasks": [...]}
 TOOL_TIMEOUT_SECONDS = 30.0  # one tool call (list_tasks reads up to 5 pages)
+# The gateway's cap on public requests; the agent's port (reachable without the gateway) keeps
+# it too. Past it: 413, after reading at most this much (Content-Length is checked first).
+MAX_HTTP_BODY_BYTES = 1024 * 1024
 INSTRUCTIONS = (
-    "Manage the authenticated user's todo list: add_task, list_tasks, complete_task, delete_task, "
-    "update_task. Task ids are the user's own task numbers as shown by list_tasks."
+    "Manage the authenticated user's todo list: add, list, complete, reopen, update and delete tasks "
+    "(with due dates in the user's own words, priorities and tags), undo the last change, set the "
+    "user's timezone, and read the user's conversations (create_task_from_message turns a message "
+    "into a task). Task ids are the user's own task numbers as shown by list_tasks."
 )
 USER_ID_PROPERTY = {
     "type": "string",
@@ -62,9 +73,9 @@ USER_ID_PROPERTY = {
 }
 # What a client is told when task_service itself fails (details stay in our logs).
 RPC_FAILURES = {
-    grpc.StatusCode.UNAVAILABLE: "the task service is unavailable right now; try again shortly",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "the task service did not answer in time; try again",
-    grpc.StatusCode.UNAUTHENTICATED: "the task service refused the token (expired?); sign in again",
+    grpc.StatusCode.UNAVAILABLE: "the service is unavailable right now; try again shortly",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the service did not answer in time; try again",
+    grpc.StatusCode.UNAUTHENTICATED: "the service refused the token (expired?); sign in again",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "too many requests; slow down and try again",
 }
 
@@ -115,10 +126,11 @@ def success_result(result: Any) -> types.CallToolResult:
     return types.CallToolResult(content=[types.TextContent(type="text", text=text)], structured_content=content)
 
 
-def build_server(task_channel: grpc.aio.Channel) -> Server[Any]:
-    """The MCP server: list the five tools, run a call as the token's user."""
+def build_server(task_channel: grpc.aio.Channel, conversation_channel: grpc.aio.Channel) -> Server[Any]:
+    """The MCP server: list the tools, run a call as the token's user."""
     listed = mcp_tools()
     stub = task_pb2_grpc.TaskServiceStub(task_channel)
+    conversations = conversation_pb2_grpc.ConversationServiceStub(conversation_channel)
 
     async def list_tools(
         ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
@@ -130,7 +142,11 @@ def build_server(task_channel: grpc.aio.Channel) -> Server[Any]:
         request_id = request_id_var.set(caller.request_id)  # our log lines carry Envoy's x-request-id
         started = time.monotonic()
         try:
-            result = await run_tool(params.name, params.arguments or {}, caller, stub)
+            result = await run_tool(
+                params.name,
+                params.arguments or {},
+                tools.ToolContext(caller, stub, conversations=conversations, source="mcp"),
+            )
             log.info(
                 "mcp tool call",
                 extra={
@@ -154,19 +170,16 @@ def build_server(task_channel: grpc.aio.Channel) -> Server[Any]:
     )
 
 
-async def run_tool(
-    name: str, arguments: dict[str, Any], caller: Caller, stub: task_pb2_grpc.TaskServiceStub
-) -> types.CallToolResult:
+async def run_tool(name: str, arguments: dict[str, Any], context: tools.ToolContext) -> types.CallToolResult:
     """One tool call; every failure becomes an error result (isError) with a clear message."""
     try:
         async with asyncio.timeout(TOOL_TIMEOUT_SECONDS):
-            context = tools.ToolContext(caller, stub, source="mcp")
             return success_result(await tools.execute(name, arguments, context))
     except tools.ToolError as error:
         return error_result(str(error))
     except grpc.aio.AioRpcError as error:
         log.warning("mcp tool failed", extra={"tool": name, "code": error.code().name, "details": error.details()})
-        return error_result(RPC_FAILURES.get(error.code(), f"the task service failed ({error.code().name})"))
+        return error_result(RPC_FAILURES.get(error.code(), f"the service failed ({error.code().name})"))
     except TimeoutError:
         log.warning("mcp tool timed out", extra={"tool": name})
         return error_result(f"{name} did not finish within {TOOL_TIMEOUT_SECONDS:.0f} s; try again")
@@ -181,6 +194,7 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 
     `*` alone turns the check off (only for deployments where a proxy already pins Host).
     Browser Origins are allowed for the same hosts (http and https) and for the CORS origins.
+    AllowedHosts enforces these lists exactly; the SDK, given them too, checks them again.
     """
     hosts = split_list(settings.mcp_allowed_hosts)
     if hosts == ["*"]:
@@ -188,6 +202,53 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
     origins = [f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")]
     origins += split_list(settings.cors_allowed_origins)
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def host_allowed(value: str, patterns: list[str]) -> bool:
+    """`value` (a Host or an Origin) equals a pattern, or matches `name:*` as `name:<digits>`.
+
+    The SDK reads `name:*` as a prefix, so `localhost:1@evil.com` would pass it."""
+    for pattern in patterns:
+        if pattern.endswith(":*"):
+            base = pattern[:-1]  # "localhost:"
+            if value.startswith(base) and _PORT.fullmatch(value[len(base) :]):
+                return True
+        elif value == pattern:
+            return True
+    return False
+
+
+class AllowedHosts:
+    """421 for a Host outside MCP_ALLOWED_HOSTS, 403 for a browser Origin outside the allowed
+    origins, on every path, before auth or the body are looked at."""
+
+    def __init__(self, app: ASGIApp, security: TransportSecuritySettings) -> None:
+        self.app, self.security = app, security
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        header, value, status = refusal
+        audit.record(
+            "host_refused", surface="mcp", method=f"{scope['method']} {scope['path']}", reason=f"{header} {value!r}"
+        )
+        await PlainTextResponse(f"Invalid {header} header", status)(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> tuple[str, str, int] | None:
+        if not self.security.enable_dns_rebinding_protection:
+            return None
+        headers = Headers(scope=scope)
+        host, origin = headers.get("host", ""), headers.get("origin")
+        if not host_allowed(host, self.security.allowed_hosts):
+            return "Host", host, 421
+        if origin is not None and not host_allowed(origin, self.security.allowed_origins):
+            return "Origin", origin, 403
+        return None
 
 
 class NoStandaloneStream:
@@ -215,24 +276,38 @@ def with_auth_error_handler(middleware: Middleware) -> Middleware:
     return Middleware(AuthenticationMiddleware, backend=backend, on_error=auth_error_response)
 
 
-def create_app(settings: Settings, task_channel: grpc.aio.Channel) -> Starlette:
-    """The ASGI app: POST /mcp (bearer auth) and GET /.well-known/oauth-protected-resource/mcp.
+def create_app(
+    settings: Settings,
+    task_channel: grpc.aio.Channel,
+    conversation_channel: grpc.aio.Channel,
+    agent: Agent | None = None,
+) -> Starlette:
+    """The ASGI app: POST /mcp (bearer auth) and GET /.well-known/oauth-protected-resource/mcp;
+    with an `agent`, also POST /chatkit (agent_service/chatkit_server.py, the same bearer auth).
 
     Its lifespan runs the SDK's session manager: serve it as the root app (as serve_http
     does), or run `app.router.lifespan_context` when mounting it elsewhere.
     """
-    server = build_server(task_channel)
+    server = build_server(task_channel, conversation_channel)
+    security = transport_security(settings)
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=True,
         json_response=True,
-        transport_security=transport_security(settings),
+        transport_security=security,
+        # /mcp is the one route that reads a body; the SDK's limit applies after auth, so an
+        # unauthenticated caller cannot make us buffer anything.
+        max_request_body_size=MAX_HTTP_BODY_BYTES,
         auth=auth_settings(settings),
         token_verifier=SubjectTokenVerifier(TokenVerifier(settings)),
     )
     # A JWKS outage is not a bad token: answer 503 (retry) instead of Starlette's default 400.
     app.user_middleware = [with_auth_error_handler(mw) for mw in app.user_middleware]
     app.user_middleware.insert(0, Middleware(NoStandaloneStream))
+    app.user_middleware.insert(0, Middleware(AllowedHosts, security=security))
+    if agent is not None:
+        # ChatKit beside MCP: behind the same host check and bearer middleware (scope["user"]).
+        app.router.routes.append(Route(CHATKIT_PATH, ChatKitApp(agent, conversation_channel), methods=["POST"]))
     return app
 
 
@@ -266,13 +341,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_http(settings: Settings, task_channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
+async def serve_http(
+    settings: Settings,
+    task_channel: grpc.aio.Channel,
+    conversation_channel: grpc.aio.Channel,
+    stop: asyncio.Event,
+    agent: Agent | None = None,
+) -> None:
     """Serve the MCP app on AGENT_HTTP_HOST:AGENT_HTTP_PORT until `stop` is set, then drain and stop.
 
     In-flight requests get GRPC_SHUTDOWN_GRACE_SECONDS to finish.
     """
     config = uvicorn.Config(
-        create_app(settings, task_channel),
+        create_app(settings, task_channel, conversation_channel, agent),
         log_config=None,  # keep the process's JSON logging
         access_log=False,  # Envoy logs requests; we log one line per tool call
         lifespan="on",

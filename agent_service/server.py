@@ -19,7 +19,6 @@ from agent_service import mcp_server
 from agent_service.agent import Agent, Delta, Done, Event, Failed, ToolRun, TurnFailed
 from agent_service.llm import ModelClient
 from common.clients import channel
-from common.ratelimit import rate_limited
 from common.settings import Settings
 from todo.v1 import agent_pb2, agent_pb2_grpc, conversation_pb2_grpc, task_pb2_grpc
 
@@ -51,7 +50,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
 
-    @rate_limited("chat")
     async def Chat(self, request: agent_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> agent_pb2.ChatResponse:
         async with aclosing(self._agent.turn(request, idempotency_header(context))) as events:
             async for event in events:
@@ -61,7 +59,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     raise TurnFailed(event.code, event.message)
         raise TurnFailed(grpc.StatusCode.INTERNAL, "the turn ended without an answer")
 
-    @rate_limited("chat")
     async def ChatStream(
         self, request: agent_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.ChatEvent]:
@@ -85,7 +82,7 @@ async def lifespan(server: grpc.aio.Server, settings: Settings) -> AsyncIterator
     )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agent), server)
     mcp_stop = asyncio.Event()
-    mcp = start_mcp(settings, task_channel, mcp_stop)
+    mcp = start_mcp(settings, task_channel, conversation_channel, mcp_stop, agent)
     try:
         yield
     finally:
@@ -97,9 +94,17 @@ async def lifespan(server: grpc.aio.Server, settings: Settings) -> AsyncIterator
         await conversation_channel.close()
 
 
-def start_mcp(settings: Settings, task_channel: grpc.aio.Channel, stop: asyncio.Event) -> asyncio.Task[None]:
-    """MCP over HTTP on AGENT_HTTP_HOST:AGENT_HTTP_PORT, as a task beside the gRPC server."""
-    task = asyncio.create_task(mcp_server.serve_http(settings, task_channel, stop), name="mcp")
+def start_mcp(
+    settings: Settings,
+    task_channel: grpc.aio.Channel,
+    conversation_channel: grpc.aio.Channel,
+    stop: asyncio.Event,
+    agent: Agent | None = None,
+) -> asyncio.Task[None]:
+    """MCP (and, with the agent, ChatKit at /chatkit) over HTTP on AGENT_HTTP_HOST:AGENT_HTTP_PORT,
+    as a task beside the gRPC server."""
+    serving = mcp_server.serve_http(settings, task_channel, conversation_channel, stop, agent)
+    task = asyncio.create_task(serving, name="mcp")
     task.add_done_callback(_report_mcp_exit)
     return task
 

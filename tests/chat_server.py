@@ -6,6 +6,10 @@ of a request selects the script, so tests sharing one server never see each othe
 A script is a queue of replies, optionally followed by one reply repeated forever (`then=`).
 Every request is recorded (JSON body and headers) under its key.
 
+Like llama.cpp's OpenAI-compatible server, it validates what it is sent: a message whose
+`content` is null is refused with a 500 whose body says "Input should be a valid string"
+(the OpenAI API allows null on an assistant tool-call message; that server does not).
+
 Replies: `text(...)`, `tool_calls(...)`, `error(status, headers)`, `hang(seconds)` (no
 answer at all), `stall(text, seconds)` (starts streaming, then goes silent),
 `trickle(piece, every, seconds)` (streams slowly without ever going silent) and
@@ -50,8 +54,8 @@ def tool_calls(*calls: dict[str, Any], content: str = "") -> dict[str, Any]:
     return {"kind": "tool_calls", "calls": list(calls), "text": content}
 
 
-def error(status: int, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"kind": "error", "status": status, "headers": headers or {}}
+def error(status: int, headers: dict[str, str] | None = None, message: str = "") -> dict[str, Any]:
+    return {"kind": "error", "status": status, "headers": headers or {}, "message": message or f"scripted {status}"}
 
 
 def hang(seconds: float) -> dict[str, Any]:
@@ -146,11 +150,16 @@ class ChatServer:
         body = await request.json()
         key = _key_of(body.get("messages", []))
         reply = self._next_reply(key, Received(body, dict(request.headers)))
+        if any(message.get("content", "") is None for message in body.get("messages", [])):
+            detail = [
+                {"type": "string_type", "loc": ["body", "messages", "content"], "msg": "Input should be a valid string"}
+            ]
+            return JSONResponse({"error": {"message": str(detail), "type": "invalid_request_error"}}, status_code=500)
         if reply is None:
             return JSONResponse({"error": {"message": f"no script for {key!r}"}}, status_code=400)
         await asyncio.sleep(reply.get("delay", 0))
         if reply["kind"] == "error":
-            payload = {"error": {"message": f"scripted {reply['status']}", "type": "test"}}
+            payload = {"error": {"message": reply["message"], "type": "test"}}
             return JSONResponse(payload, status_code=reply["status"], headers=reply["headers"])
         if reply["kind"] == "hang":
             await asyncio.sleep(reply["seconds"])

@@ -18,6 +18,7 @@ import pytest
 from tests import chat_server as model
 from tests.chat_server import ChatServer
 from tests.gateway_fixtures import Gateway, Reply, start_gateway
+from tests.test_agent import task_result
 
 LLM_TIMEOUT_SECONDS = 2
 MAX_STEPS = 3
@@ -77,10 +78,14 @@ def test_a_turn_as_json(gateway: Gateway, chat: ChatServer) -> None:
             {
                 "name": "add_task",
                 "arguments": {"title": "Buy milk"},
-                "result": {"task_id": 1, "status": "created", "title": "Buy milk"},
+                "result": task_result(1, "created", "Buy milk"),
             }
         ],
+        "message_id": 2,
     }
+    # message_id names the stored assistant message
+    stored = gateway.call("GET", f"/api/{user}/conversations/1/messages", user=user).json()["messages"]
+    assert [(m["id"], m["role"]) for m in stored] == [(1, "user"), (2, "assistant")]
 
 
 def test_model_unavailable_is_503(gateway: Gateway, chat: ChatServer) -> None:

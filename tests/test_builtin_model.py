@@ -198,7 +198,7 @@ async def test_models_and_bad_requests(client: openai.AsyncOpenAI) -> None:
         ("Mark task 3 as complete", [("complete_task", {"task_id": 3})]),
         ("Change task 1 to 'Call mom tonight'", [("update_task", {"task_id": 1, "title": "Call mom tonight"})]),
         ("please add 2 liters of milk, thanks", [("add_task", {"title": "2 liters of milk"})]),
-        ("could you add call the dentist tomorrow?", [("add_task", {"title": "Call the dentist tomorrow"})]),
+        ("could you add call the dentist tomorrow?", [("add_task", {"title": "Call the dentist", "due": "tomorrow"})]),
         ("dleete task 4", [("delete_task", {"task_id": 4})]),
         ("compelte #2", [("complete_task", {"task_id": 2})]),
         ("delete 1, 2 and 3", [("delete_task", {"task_id": n}) for n in (1, 2, 3)]),
@@ -314,6 +314,94 @@ def test_code_like_titles_are_kept_verbatim() -> None:
 
 def test_it_without_context_asks() -> None:
     assert text_of([user("delete it")]).endswith("?")
+
+
+def test_without_planning_tools_dates_stay_in_the_title_and_undo_is_refused() -> None:
+    five_tools = [
+        {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": properties}}}
+        for name, properties in (
+            ("add_task", {"title": {}, "description": {}}),
+            ("list_tasks", {"status": {}}),
+            ("complete_task", {"task_id": {}}),
+            ("delete_task", {"task_id": {}}),
+            ("update_task", {"task_id": {}, "title": {}, "description": {}}),
+        )
+    ]
+    reply = respond([user("could you add call the dentist tomorrow?")], tools=five_tools)
+    assert [(call.name, call.arguments) for call in reply.calls] == [
+        ("add_task", {"title": "Call the dentist tomorrow"})
+    ]
+    assert "can't undo" in respond([user("undo that")], tools=five_tools).text
+    assert "can't mark a task as not done" in respond([user("mark task 4 as not done")], tools=five_tools).text
+
+
+def test_many_adds_ask_first_then_run_in_bounded_steps() -> None:
+    message = ", ".join(f"add item {letter}{number}" for letter in "abcdefghij" for number in range(40))[:8000]
+    question = respond([user(message)])
+    assert not question.calls and question.text.startswith("Add these 50 tasks?")
+    conversation = [user(message), {"role": "assistant", "content": question.text}, user("yes")]
+    steps = []
+    while (reply := respond(conversation)).calls:
+        steps.append(len(reply.calls))
+        conversation += called(
+            [(call.name, call.arguments) for call in reply.calls],
+            [{"task_id": len(steps) * 100 + i, "status": "created", "title": "x"} for i in range(len(reply.calls))],
+            f"s{len(steps)}_",
+        )
+    assert steps == [20, 20, 10]  # at most 20 calls a step, 50 a turn
+    assert reply.text.count("Added task") == 50
+    few = respond([user("add eggs, milk, rice and tea")])
+    assert len(few.calls) == 4  # a handful is just done
+
+
+def _dated(task: dict[str, Any], due_date: str, due_time: str = "") -> dict[str, Any]:
+    return {**task, "due_date": due_date, "due_time": due_time, "priority": "none", "tags": []}
+
+
+def test_planning_intents_become_the_planning_tools() -> None:
+    assert calls_of([user("call mom tomorrow at 6pm")]) == [
+        ("add_task", {"title": "Call mom", "due": "tomorrow at 6pm"})
+    ]
+    assert calls_of([user("pay rent by friday, high priority #home")]) == [
+        ("add_task", {"title": "Pay rent", "due": "friday", "priority": "high", "tags": ["home"]})
+    ]
+    lookup = [user("update the meeting task to tomorrow"), *called([("list_tasks", {"status": "all"})], [LISTED])]
+    assert calls_of(lookup) == [("update_task", {"task_id": 3, "due": "tomorrow"})]  # a date, not a new title
+    assert calls_of([user("I'm in Lisbon")]) == [("set_timezone", {"timezone": "Europe/Lisbon"})]
+    assert calls_of([user("oops, undo that")]) == [("undo_last_change", {})]
+    assert calls_of([user("what's overdue?")]) == [("list_tasks", {"status": "all", "due": "overdue"})]
+    assert calls_of([user("find the lisbon task")]) == [("list_tasks", {"status": "all", "query": "lisbon"})]
+    reopen = [user("I haven't actually had the team meeting"), *called([("list_tasks", {"status": "all"})], [LISTED])]
+    assert calls_of(reopen) == [("reopen_task", {"task_id": 3})]
+    pushed = [user("push everything due today to tomorrow")]
+    assert calls_of(pushed) == [("list_tasks", {"status": "all", "due": "today"})]
+    today = [_dated(LISTED[0], "2026-12-02"), _dated(LISTED[1], "2026-12-02")]
+    pushed += called([("list_tasks", {"status": "all", "due": "today"})], [today])
+    assert calls_of(pushed) == [
+        ("update_task", {"task_id": 1, "due": "tomorrow"}),
+        ("update_task", {"task_id": 2, "due": "tomorrow"}),
+    ]
+
+
+def test_answers_echo_the_absolute_date_the_tool_returned() -> None:
+    added = {
+        "task_id": 4,
+        "status": "created",
+        "title": "Pay rent",
+        "due_date": "2026-12-04",
+        "due_time": "",
+        "priority": "none",
+        "tags": [],
+    }
+    answer = text_of(
+        [user("pay rent by friday"), *called([("add_task", {"title": "Pay rent", "due": "friday"})], [added])]
+    )
+    assert answer == "Added task 4: Pay rent (due Fri 2026-12-04)."
+    moved = {**added, "status": "updated", "due_date": "2026-12-07", "due_time": "09:00"}
+    answer = text_of(
+        [user("move task 4 to monday 9am"), *called([("update_task", {"task_id": 4, "due": "monday 9am"})], [moved])]
+    )
+    assert answer == "Moved task 4 (Pay rent) to Mon 2026-12-07 at 09:00."
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,13 +28,26 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult
 
 from agent_service import tools as tool_definitions
-from agent_service.mcp_server import transport_security
+from agent_service.mcp_server import host_allowed, transport_security
 from common.settings import Settings
 from tests.gateway_fixtures import Gateway, start_gateway
 from tests.support import ServiceProcess, auth_metadata, free_port, token
 from todo.v1 import task_pb2, task_pb2_grpc
 
 METADATA_PATH = "/.well-known/oauth-protected-resource/mcp"
+TASK_TOOLS_REQUIRED = {
+    "add_task": ["title"],
+    "list_tasks": [],
+    "complete_task": [],
+    "delete_task": [],
+    "update_task": ["task_id"],
+    "reopen_task": ["task_id"],
+    "undo_last_change": [],
+    "set_timezone": ["timezone"],
+}
+# What every task tool's result echoes besides task_id, status and title (a task with none set).
+UNPLANNED = {"due_date": "", "due_time": "", "priority": "none", "tags": []}
+LISTED_KEYS = {"id", "title", "description", "completed", "created_at", *UNPLANNED}
 MCP_TOOLS = {tool.name: tool for tool in tool_definitions.for_surface("mcp")}
 JSON_RPC_LIST_TOOLS = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
 MCP_POST_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
@@ -145,14 +158,9 @@ async def test_tools_are_listed_with_the_schemas_of_tools_py(host: McpHost) -> N
         listed = {tool.name: tool for tool in (await session.list_tools()).tools}
 
     assert sorted(listed) == sorted(MCP_TOOLS)
-    required = {name: tool.input_schema["required"] for name, tool in listed.items()}
-    assert required == {
-        "add_task": ["title"],
-        "list_tasks": [],
-        "complete_task": ["task_id"],
-        "delete_task": ["task_id"],
-        "update_task": ["task_id"],
-    }
+    required = {name: tool.input_schema["required"] for name, tool in listed.items() if name in TASK_TOOLS_REQUIRED}
+    # complete_task and delete_task take task_id or task_ids: neither is required by the schema.
+    assert required == TASK_TOOLS_REQUIRED
     for name, tool in listed.items():
         definition = MCP_TOOLS[name]
         assert tool.description == definition.description
@@ -173,12 +181,12 @@ async def test_tools_are_listed_with_the_schemas_of_tools_py(host: McpHost) -> N
 async def test_every_tool_returns_the_api_shapes(host: McpHost) -> None:
     async with mcp_session(host.base_url + "/mcp", token(user("shapes"))) as session:
         added = structured(await session.call_tool("add_task", {"title": "  Buy milk ", "description": "2 l"}))
-        assert added == {"task_id": 1, "status": "created", "title": "Buy milk"}
+        assert added == {"task_id": 1, "status": "created", "title": "Buy milk", **UNPLANNED}
         second = structured(await session.call_tool("add_task", {"title": "Call mom"}))
-        assert second == {"task_id": 2, "status": "created", "title": "Call mom"}
+        assert second == {"task_id": 2, "status": "created", "title": "Call mom", **UNPLANNED}
 
         listed = structured(await session.call_tool("list_tasks", {}))["tasks"]
-        assert [set(task) for task in listed] == [{"id", "title", "description", "completed", "created_at"}] * 2
+        assert [set(task) for task in listed] == [LISTED_KEYS] * 2
         assert [(t["id"], t["title"], t["description"], t["completed"]) for t in listed] == [
             (1, "Buy milk", "2 l", False),
             (2, "Call mom", "", False),
@@ -186,9 +194,9 @@ async def test_every_tool_returns_the_api_shapes(host: McpHost) -> None:
         assert listed[0]["created_at"].endswith("Z")
 
         updated = structured(await session.call_tool("update_task", {"task_id": 2, "title": "Call mum"}))
-        assert updated == {"task_id": 2, "status": "updated", "title": "Call mum"}
+        assert updated == {"task_id": 2, "status": "updated", "title": "Call mum", **UNPLANNED}
         completed = structured(await session.call_tool("complete_task", {"task_id": 1}))
-        assert completed == {"task_id": 1, "status": "completed", "title": "Buy milk"}
+        assert completed == {"task_id": 1, "status": "completed", "title": "Buy milk", **UNPLANNED}
 
         done = structured(await session.call_tool("list_tasks", {"status": "completed"}))["tasks"]
         pending = structured(await session.call_tool("list_tasks", {"status": "pending"}))["tasks"]
@@ -196,7 +204,7 @@ async def test_every_tool_returns_the_api_shapes(host: McpHost) -> None:
         assert [(t["id"], t["title"]) for t in pending] == [(2, "Call mum")]
 
         deleted = structured(await session.call_tool("delete_task", {"task_id": 2}))
-        assert deleted == {"task_id": 2, "status": "deleted", "title": "Call mum"}
+        assert deleted == {"task_id": 2, "status": "deleted", "title": "Call mum", **UNPLANNED}
         remaining = structured(await session.call_tool("list_tasks", {"status": "all"}))["tasks"]
         assert [t["id"] for t in remaining] == [1]
 
@@ -205,7 +213,7 @@ async def test_the_modern_protocol_era_works_too(host: McpHost) -> None:
     async with mcp_session(host.base_url + "/mcp", token(user("modern")), modern=True) as session:
         assert sorted(tool.name for tool in (await session.list_tools()).tools) == sorted(MCP_TOOLS)
         added = structured(await session.call_tool("add_task", {"title": "Modern"}))
-        assert added == {"task_id": 1, "status": "created", "title": "Modern"}
+        assert added == {"task_id": 1, "status": "created", "title": "Modern", **UNPLANNED}
         assert [t["title"] for t in structured(await session.call_tool("list_tasks", {}))["tasks"]] == ["Modern"]
 
 
@@ -382,7 +390,7 @@ async def test_mcp_through_the_gateway_shares_tasks_with_rest(gateway: Gateway) 
     alice, bob = user("gw-alice"), user("gw-bob")
     async with mcp_session(gateway.base_url + "/mcp", token(alice)) as session:
         added = structured(await session.call_tool("add_task", {"title": "via MCP"}))
-        assert added == {"task_id": 1, "status": "created", "title": "via MCP"}
+        assert added == {"task_id": 1, "status": "created", "title": "via MCP", **UNPLANNED}
         structured(await session.call_tool("complete_task", {"task_id": 1}))
 
     async with httpx2.AsyncClient(base_url=gateway.base_url, timeout=10) as http:
@@ -411,3 +419,173 @@ async def test_gateway_answers_401_with_its_own_metadata_url(gateway: Gateway) -
         metadata = await http.get(METADATA_PATH)
         assert metadata.status_code == 200
         assert metadata.json()["resource"] == gateway.base_url + "/mcp"
+
+
+# --- the Host allow-list matches exactly; the body limit --------------------------------------
+
+
+def test_a_port_wildcard_matches_digits_only() -> None:
+    patterns = ["localhost:*", "[::1]:*", "todo.example.com"]
+    for allowed in ("localhost:8001", "localhost:1", "[::1]:8080", "todo.example.com"):
+        assert host_allowed(allowed, patterns), allowed
+    for refused in (
+        "localhost:1@evil.com",
+        "localhost:8001.evil.com",
+        "localhost:",
+        "localhost:abc",
+        "localhost:\uff18\uff10\uff10\uff11",  # fullwidth digits are not a port
+        "localhost:123456",
+        "localhost",
+        "evil.localhost:80",
+        "todo.example.com:443",
+        "todo.example.com.evil",
+    ):
+        assert not host_allowed(refused, patterns), refused
+
+
+async def test_a_host_that_only_starts_like_an_allowed_one_is_refused(host: McpHost) -> None:
+    headers = {**MCP_POST_HEADERS, "Authorization": f"Bearer {token(user('prefix'))}"}
+    async with httpx2.AsyncClient(timeout=10) as http:
+        for bad_host in ("localhost:1@evil.com", "127.0.0.1:80.evil.com", "localhost:x"):
+            reply = await http.post(
+                host.base_url + "/mcp", json=JSON_RPC_LIST_TOOLS, headers={**headers, "Host": bad_host}
+            )
+            assert reply.status_code == 421, (bad_host, reply.status_code, reply.text)
+        # Refused before auth: no token needed to be turned away, none learned.
+        no_token = await http.post(
+            host.base_url + "/mcp", json=JSON_RPC_LIST_TOOLS, headers={**MCP_POST_HEADERS, "Host": "evil.example"}
+        )
+        assert no_token.status_code == 421
+        origin = await http.post(
+            host.base_url + "/mcp",
+            json=JSON_RPC_LIST_TOOLS,
+            headers={**headers, "Origin": "http://localhost:1@evil.com"},
+        )
+        assert origin.status_code == 403
+
+
+def _raw_post(base_url: str, head: dict[str, str], body_chunks: Iterator[bytes]) -> tuple[int, bytes]:
+    """POST /mcp over a plain socket (to control Content-Length and chunking); the status and body."""
+    import http.client
+
+    address = base_url.removeprefix("http://")
+    hostname, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(hostname, int(port), timeout=30)
+    connection.putrequest("POST", "/mcp")
+    for name, value in head.items():
+        connection.putheader(name, value)
+    connection.endheaders()
+    try:
+        for chunk in body_chunks:
+            connection.send(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered and closed before the body was all sent: the point of the test
+    reply = connection.getresponse()
+    return reply.status, reply.read()
+
+
+def test_bodies_over_one_mib_are_413_without_being_read(host: McpHost) -> None:
+    mib = 1024 * 1024
+    head = {**MCP_POST_HEADERS, "Authorization": f"Bearer {token(user('big'))}"}
+    # A declared length over the limit: refused from the headers, before any body byte.
+    status, _ = _raw_post(host.base_url, {**head, "Content-Length": str(2 * mib)}, iter(()))
+    assert status == 413
+
+    # Chunked, so no length is declared: refused once 1 MiB has streamed in.
+    def chunks(total: int) -> Iterator[bytes]:
+        piece = b" " * 65536
+        for _ in range(total // len(piece)):
+            yield b"%x\r\n%s\r\n" % (len(piece), piece)
+        yield b"0\r\n\r\n"
+
+    status, _ = _raw_post(host.base_url, {**head, "Transfer-Encoding": "chunked"}, chunks(mib + 256 * 1024))
+    assert status == 413
+    # Just under the limit is read and parsed (whitespace around a JSON-RPC message is fine).
+    message = json.dumps(JSON_RPC_LIST_TOOLS).encode()
+    padded = message + b" " * (mib - len(message) - 16)
+    status, body = _raw_post(host.base_url, {**head, "Content-Length": str(len(padded))}, iter([padded]))
+    assert status == 200 and b"add_task" in body, (status, body[:200])
+
+
+# --- planning: the new tools and arguments, annotations, the activity log ----------------------
+
+
+async def test_planning_tools_and_annotations_over_mcp(host: McpHost) -> None:
+    caller = user("planner")
+    async with mcp_session(host.base_url + "/mcp", token(caller)) as session:
+        listed = {tool.name: tool for tool in (await session.list_tools()).tools}
+        for name in TASK_TOOLS_REQUIRED:
+            hints = listed[name].annotations
+            assert hints is not None and hints.title, name
+            assert None not in (hints.read_only_hint, hints.destructive_hint, hints.idempotent_hint), name
+        assert listed["list_tasks"].annotations.read_only_hint  # type: ignore[union-attr]
+        assert listed["delete_task"].annotations.destructive_hint  # type: ignore[union-attr]
+        assert not listed["add_task"].annotations.read_only_hint  # type: ignore[union-attr]
+        assert set(listed["list_tasks"].input_schema["properties"]) >= {"status", "query", "due", "tag", "sort"}
+
+        zone = structured(await session.call_tool("set_timezone", {"timezone": "Europe/Paris"}))
+        assert zone == {"status": "updated", "timezone": "Europe/Paris"}
+        added = structured(
+            await session.call_tool(
+                "add_task", {"title": "Report", "due": "2026-12-24 5pm", "priority": "high", "tags": ["Work"]}
+            )
+        )
+        assert added == {
+            "task_id": 1,
+            "status": "created",
+            "title": "Report",
+            "due_date": "2026-12-24",
+            "due_time": "17:00",
+            "priority": "high",
+            "tags": ["work"],
+        }
+        structured(await session.call_tool("add_task", {"title": "Groceries", "tags": ["home"]}))
+        by_tag = structured(await session.call_tool("list_tasks", {"tag": "work", "sort": "due"}))["tasks"]
+        assert [(t["id"], t["due_date"], t["due_time"]) for t in by_tag] == [(1, "2026-12-24", "17:00")]
+        assert [t["id"] for t in structured(await session.call_tool("list_tasks", {"due": "none"}))["tasks"]] == [2]
+
+        bulk = structured(await session.call_tool("complete_task", {"task_ids": [1, 2, 7]}))
+        assert [entry.get("status", entry.get("error")) for entry in bulk["results"]] == [
+            "completed",
+            "completed",
+            "task 7 not found",
+        ]
+        reopened = structured(await session.call_tool("reopen_task", {"task_id": 2}))
+        assert (reopened["status"], reopened["title"]) == ("reopened", "Groceries")
+        undone = structured(await session.call_tool("undo_last_change", {}))
+        assert (undone["status"], undone["task_id"]) == ("completed", 2)  # the reopening, undone
+        assert "timezone" in error_text(await session.call_tool("set_timezone", {"timezone": "Nowhere/Land"}))
+        assert "due" in error_text(await session.call_tool("update_task", {"task_id": 1, "due": "someday maybe"}))
+        assert "task_ids" in error_text(await session.call_tool("delete_task", {"task_ids": list(range(1, 60))}))
+    tasks = await tasks_via_grpc(host.task_addr, caller)
+    assert [(t.id, t.completed, t.due_date) for t in tasks] == [(1, True, "2026-12-24"), (2, True, "")]
+
+
+async def test_mcp_changes_are_logged_as_mcp_and_undone_over_rest(gateway: Gateway) -> None:
+    alice = user("activity")
+    headers = {"Authorization": f"Bearer {token(alice)}"}
+    async with mcp_session(gateway.base_url + "/mcp", token(alice)) as session:
+        structured(await session.call_tool("add_task", {"title": "Via MCP"}))
+        structured(await session.call_tool("update_task", {"task_id": 1, "priority": "low"}))
+        structured(await session.call_tool("complete_task", {"task_id": 1}))
+        structured(await session.call_tool("reopen_task", {"task_id": 1}))
+        structured(await session.call_tool("delete_task", {"task_ids": [1]}))
+    async with httpx2.AsyncClient(base_url=gateway.base_url, headers=headers, timeout=10) as http:
+        events = (await http.get(f"/api/{alice}/activity")).json()["events"]
+        assert [(e["action"], e["source"], e["task_id"]) for e in events] == [
+            ("deleted", "mcp", 1),
+            ("reopened", "mcp", 1),
+            ("completed", "mcp", 1),
+            ("updated", "mcp", 1),
+            ("created", "mcp", 1),
+        ]
+        restored = await http.post(f"/api/{alice}/undo", json={})
+        assert restored.status_code == 200, restored.text
+        assert (restored.json()["action"], restored.json()["source"]) == ("restored", "rest")
+        assert (await http.get(f"/api/{alice}/tasks/1")).json()["priority"] == "low"  # the same task, back
+    async with mcp_session(gateway.base_url + "/mcp", token(alice)) as session:
+        undone = structured(await session.call_tool("undo_last_change", {}))
+        assert (undone["status"], undone["task_id"]) == ("completed", 1)
+    async with httpx2.AsyncClient(base_url=gateway.base_url, headers=headers, timeout=10) as http:
+        latest = (await http.get(f"/api/{alice}/activity?page_size=1")).json()["events"][0]
+        assert (latest["action"], latest["source"]) == ("completed", "mcp")

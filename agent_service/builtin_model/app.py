@@ -132,7 +132,7 @@ async def chat_completions(request: Request) -> Response:
     if problem is not None or messages is None:
         return problem or _error(400, "bad request")
     model = str(body.get("model") or MODEL_NAME)
-    reply = respond(messages)
+    reply = respond(messages, body.get("tools"))  # the tools offered say what the model may use
     digest = hashlib.sha256(json.dumps(messages, sort_keys=True, default=str).encode()).hexdigest()
     if body.get("stream"):
         with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -149,6 +149,8 @@ async def models(request: Request) -> Response:
 
 def create_app() -> Starlette:
     """The built-in model's ASGI app; serve it with `httpx2.ASGITransport(app=create_app())`."""
+    # lemminflect loads its word lists on first use (~0.2 s): pay that now, not in a user's turn
+    respond([{"role": "user", "content": "i called mom"}])
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -1,13 +1,18 @@
 """Deciding the next step of a turn from the messages alone (the model keeps no state).
 
-A turn goes: the user's message -> (a lookup `list_tasks` when a task is named by its
-words) -> the action tool calls -> (the lists the user asked for) -> the answer in text.
-Each request re-reads the user's message and looks at which tool results of this turn are
-already in `messages`; since reading is deterministic, it lands on the same plan every time
-and just takes the next step.
+A turn goes: the user's message -> (lookups: `list_tasks` when a task is named by its words
+or a class of tasks by a date) -> the action tool calls -> (actions on tasks this message
+added) -> (the lists the user asked for) -> the answer in text. Each request re-reads the
+user's message and counts the tool results of this turn already in `messages`; since reading
+is deterministic, it lands on the same plan every time and just takes the next step.
 
-Earlier turns give the context: the task acted on last ("delete it"), the list the user
-saw last ("the second one") and a question still open ("which one?").
+A step holds at most 20 tool calls and a turn at most 50 (what the agent allows), so a big
+phase runs over several steps, and a message that adds more than 10 tasks is first
+confirmed ("Add these 37 tasks?").
+
+The request's `tools` say what the tools can do: due dates, priority and tags, filters,
+reopen, undo, timezone. Without them the model keeps to the five original tools (date words
+stay in the title, "I can't undo" is said plainly).
 """
 
 from __future__ import annotations
@@ -18,16 +23,23 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent_service.builtin_model import replies
-from agent_service.builtin_model.language import (
-    Intent,
-    Ref,
-    close_enough,
-    norm,
-    protect_quotes,
-    read_clause,
-    read_message,
-    stem,
+from agent_service.builtin_model.conversation import (
+    Context,
+    Conversation,
+    ToolEvent,
+    read_conversation,
+    task_results,
 )
+from agent_service.builtin_model.dates import plainer
+from agent_service.builtin_model.intents import read_clause, read_message
+from agent_service.builtin_model.meaning import Intent, Ref
+from agent_service.builtin_model.reading import protect_quotes, strip_filler
+from agent_service.builtin_model.references import Lookups, match_title, parse_refs, resolve
+
+MAX_CALLS_PER_STEP = 20  # the agent runs at most this many tool calls per model step
+MAX_CALLS_PER_TURN = 50  # and this many per turn
+CONFIRM_OVER = 10  # more adds than this in one message: ask first
+GENERAL_LOOKUP = {"status": "all"}
 
 
 @dataclass(frozen=True)
@@ -46,290 +58,46 @@ class Reply:
     calls: tuple[Call, ...] = ()
 
 
-@dataclass
-class ToolEvent:
-    name: str
-    arguments: dict[str, Any]
-    result: Any = None
-    error: str | None = None
-
-
-@dataclass
-class Context:
-    """What earlier turns tell: what "it", "them" and "the second one" point at."""
-
-    last_task: tuple[int, str] | None = None
-    last_batch: list[int] = field(default_factory=list)
-    listing: list[tuple[int, str]] = field(default_factory=list)
-    them_from_listing: bool = True  # the last list shown is more recent than the last actions
-    question: list[tuple[int, str]] | None = None  # candidates of an open "which one?" question
-    offered_title: str = ""  # an open "Should I add ... as a task?" offer
-    question_request: str = ""  # the user message that question was about
-
-
-@dataclass
-class Conversation:
-    user_text: str | None
-    context: Context
-    turn: list[ToolEvent]
-
-
 # ---------------------------------------------------------------------------------------
-# Reading the messages
+# What the tools can do
 
 
-def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts
-        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return str(content)
+_PLANNING_TOOLS = ("reopen_task", "undo_last_change", "set_timezone")
 
 
-def _load(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return text
+@dataclass(frozen=True)
+class Abilities:
+    """What the offered tools accept, read from the request's `tools` (none listed: all of
+    the contract's tools with all their arguments)."""
 
+    tools: frozenset[str]
+    fields: dict[str, frozenset[str]]  # tool name -> its argument names
 
-def _events(messages: list[dict[str, Any]]) -> list[tuple[int, ToolEvent]]:
-    """Every tool call with its outcome, with the index of the tool message that answered it."""
-    pending: dict[str, ToolEvent] = {}
-    events: list[tuple[int, ToolEvent]] = []
-    for index, message in enumerate(messages):
-        role = message.get("role")
-        if role == "assistant":
-            for call in message.get("tool_calls") or []:
-                function = call.get("function") or {}
-                arguments = _load(function.get("arguments") or "{}")
-                pending[str(call.get("id"))] = ToolEvent(
-                    str(function.get("name", "")), arguments if isinstance(arguments, dict) else {}
-                )
-        elif role == "tool":
-            event = pending.pop(str(message.get("tool_call_id")), None)
-            if event is None:
-                continue
-            outcome = _load(_content_text(message.get("content")))
-            if isinstance(outcome, dict) and "error" in outcome and len(outcome) == 1:
-                event.error = str(outcome["error"])
-            elif isinstance(outcome, str) and outcome.lower().startswith("error"):
-                event.error = outcome
-            else:
-                event.result = outcome
-            events.append((index, event))
-    return events
+    @classmethod
+    def of(cls, tools: Any) -> Abilities:
+        if not isinstance(tools, list) or not tools:
+            everything = {
+                "add_task": frozenset({"title", "description", "due", "priority", "tags"}),
+                "update_task": frozenset({"task_id", "title", "description", "due", "priority", "tags"}),
+                "list_tasks": frozenset({"status", "query", "due", "tag", "priority", "sort"}),
+                "complete_task": frozenset({"task_id", "task_ids"}),
+                "delete_task": frozenset({"task_id", "task_ids"}),
+                **{name: frozenset() for name in _PLANNING_TOOLS},
+            }
+            return cls(frozenset(everything), everything)
+        fields: dict[str, frozenset[str]] = {}
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if isinstance(function, dict) and function.get("name"):
+                properties = (function.get("parameters") or {}).get("properties") or {}
+                fields[str(function["name"])] = frozenset(properties)
+        return cls(frozenset(fields), fields)
 
+    def accepts(self, tool: str, argument: str) -> bool:
+        return argument in self.fields.get(tool, frozenset())
 
-_LISTING_LINE = re.compile(r"^\s*(\d+)\.\s+(.*?)(?:\s+\(done\))?\s*$")
-
-
-_SHOWN_TASK = re.compile(r"^Task (\d+): (.*?) \((?:pending|completed)\)\.$", re.M)
-
-
-def listing_of(text: str) -> list[tuple[int, str]]:
-    return [(int(match.group(1)), match.group(2)) for line in text.splitlines() if (match := _LISTING_LINE.match(line))]
-
-
-def read_conversation(messages: list[dict[str, Any]]) -> Conversation:
-    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-    if last_user is None:
-        return Conversation(None, Context(), [])
-    events = _events(messages)
-    turn = [event for index, event in events if index > last_user]
-    earlier = [(index, event) for index, event in events if index < last_user]
-    return Conversation(
-        _content_text(messages[last_user].get("content")), _context(messages[:last_user], earlier), turn
-    )
-
-
-def _context(history: list[dict[str, Any]], events: list[tuple[int, ToolEvent]]) -> Context:
-    context = Context()
-    acted = [
-        (index, event)
-        for index, event in events
-        if event.error is None and isinstance(event.result, dict) and "task_id" in event.result
-    ]
-    last_acted_index = acted[-1][0] if acted else -1
-    if acted:
-        result = acted[-1][1].result
-        context.last_task = (int(result["task_id"]), str(result.get("title", "")))
-        # the tool calls answered together with the last one form "them"
-        last_message = max((index for index, _ in acted), default=-1)
-        context.last_batch = [
-            int(event.result["task_id"]) for index, event in acted if _same_turn(history, index, last_message)
-        ]
-    for index in range(len(history) - 1, -1, -1):
-        message = history[index]
-        if message.get("role") != "assistant" or message.get("tool_calls"):
-            continue
-        text = _content_text(message.get("content"))
-        lines = listing_of(text) or [(int(m.group(1)), m.group(2)) for m in _SHOWN_TASK.finditer(text)]
-        if lines:
-            context.listing = lines
-            context.them_from_listing = index > last_acted_index
-            if len(lines) == 1 and index > last_acted_index:
-                context.last_task = lines[0]
-            break
-    _open_question(history, context)
-    return context
-
-
-def _same_turn(history: list[dict[str, Any]], first: int, last: int) -> bool:
-    return not any(message.get("role") == "user" for message in history[first:last])
-
-
-def _open_question(history: list[dict[str, Any]], context: Context) -> None:
-    """If the assistant's last words were "which one?", remember its candidates and the request."""
-    for index in range(len(history) - 1, -1, -1):
-        message = history[index]
-        if message.get("role") == "assistant" and not message.get("tool_calls"):
-            text = _content_text(message.get("content"))
-            if offer := replies.SHOULD_I_ADD.search(text):
-                context.offered_title = offer.group("title")
-            if replies.WHICH_ONE in text:
-                context.question = listing_of(text)
-                for earlier in range(index - 1, -1, -1):
-                    if history[earlier].get("role") == "user":
-                        context.question_request = _content_text(history[earlier].get("content"))
-                        break
-            return
-        if message.get("role") == "user":
-            return
-
-
-# ---------------------------------------------------------------------------------------
-# Matching titles
-
-_STOPWORDS = {
-    "the",
-    "a",
-    "an",
-    "my",
-    "to",
-    "for",
-    "of",
-    "on",
-    "in",
-    "at",
-    "with",
-    "task",
-    "todo",
-    "one",
-    "about",
-    "that",
-    "this",
-    "item",
-}
-
-
-def _content_words(text: str) -> list[str]:
-    return [stem(word) for word in norm(text).split() if word not in _STOPWORDS]
-
-
-def match_title(query: str, tasks: list[dict[str, Any]], exact: bool = False) -> list[dict[str, Any]]:
-    """The tasks whose titles the words name: exact title, then phrase, then all words, then near-typos."""
-    wanted = norm(query)
-    if not wanted:
-        return []
-    levels = [
-        lambda title: title == wanted,
-        lambda title: re.search(rf"\b{re.escape(wanted)}\b", title) is not None,
-    ]
-    words = _content_words(query)
-    if words and not exact:
-        levels.append(lambda title: all(word in {stem(w) for w in title.split()} for word in words))
-        levels.append(
-            lambda title: all(
-                any(w == word or (len(word) >= 4 and close_enough(word, stem(w))) for w in title.split())
-                for word in words
-            )
-        )
-    for level in levels:
-        found = [task for task in tasks if level(norm(str(task.get("title", ""))))]
-        if found:
-            return found
-    return []
-
-
-# ---------------------------------------------------------------------------------------
-# Resolving references
-
-
-@dataclass
-class Resolution:
-    ids: list[int] = field(default_factory=list)
-    titles: dict[int, str] = field(default_factory=dict)
-    note: str = ""  # a sentence for the answer (no such task...)
-    question: str = ""  # a question for the answer (which one?)
-    needs_lookup: bool = False
-
-
-def resolve(ref: Ref, intent: Intent, context: Context, tasks: list[dict[str, Any]] | None) -> Resolution:
-    if ref.kind == "new":  # a task added earlier in this same message: known once the add has run
-        return Resolution()
-    if ref.kind == "id":
-        return Resolution([ref.task_id])
-    if ref.kind == "it":
-        if context.last_task is None:
-            return Resolution(question=replies.which_task())
-        return Resolution([context.last_task[0]], {context.last_task[0]: context.last_task[1]})
-    if ref.kind == "them":
-        listed = [task_id for task_id, _ in context.listing]
-        ids = (listed or context.last_batch) if context.them_from_listing else (context.last_batch or listed)
-        if not ids:
-            return Resolution(question=replies.which_task())
-        return Resolution(ids)
-    if ref.kind == "position":
-        listing = context.listing or (
-            [(int(task["id"]), str(task["title"])) for task in tasks] if tasks is not None else None
-        )
-        if listing is None:
-            return Resolution(needs_lookup=True)
-        position = ref.position - 1 if ref.position > 0 else len(listing) + ref.position
-        if not 0 <= position < len(listing):
-            return Resolution(note=replies.no_position(ref.position, len(listing)))
-        task_id, title = listing[position]
-        return Resolution([task_id], {task_id: title})
-    if tasks is None:
-        return Resolution(needs_lookup=True)
-    if ref.kind == "all":
-        return _resolve_all(ref, intent, tasks)
-    return _resolve_title(ref, intent, tasks)
-
-
-def _resolve_all(ref: Ref, intent: Intent, tasks: list[dict[str, Any]]) -> Resolution:
-    status = ref.status
-    if intent.kind == "complete" and status == "all":
-        status = "pending"
-    chosen = [task for task in tasks if status == "all" or bool(task.get("completed")) == (status == "completed")]
-    if not chosen:
-        return Resolution(note=replies.nothing_to(intent.kind, status))
-    return Resolution([int(task["id"]) for task in chosen], {int(task["id"]): str(task["title"]) for task in chosen})
-
-
-def _resolve_title(ref: Ref, intent: Intent, tasks: list[dict[str, Any]]) -> Resolution:
-    found = match_title(ref.words, tasks, exact=ref.exact)
-    if not found and ref.parts:
-        combined = Resolution()
-        for part in ref.parts:
-            partial = resolve(part, intent, Context(), tasks)
-            combined.ids.extend(task_id for task_id in partial.ids if task_id not in combined.ids)
-            combined.titles.update(partial.titles)
-            combined.note = " ".join(filter(None, [combined.note, partial.note]))
-            combined.question = "\n\n".join(filter(None, [combined.question, partial.question]))
-        return combined
-    if intent.kind == "complete" and len(found) > 1:
-        pending = [task for task in found if not task.get("completed")]
-        found = pending or found
-    if not found:
-        return Resolution(note=replies.no_task_called(ref.words))
-    if len(found) > 1:
-        return Resolution(question=replies.which_one(ref.words, found, intent))
-    task = found[0]
-    return Resolution([int(task["id"])], {int(task["id"]): str(task["title"])})
+    def has(self, tool: str) -> bool:
+        return tool in self.tools
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,45 +108,133 @@ def _resolve_title(ref: Ref, intent: Intent, tasks: list[dict[str, Any]]) -> Res
 class Plan:
     intents: list[Intent]
     context: Context
-    needs_lookup: bool = False
+    abilities: Abilities
+    lookups: list[dict[str, Any]] = field(default_factory=list)  # list_tasks arguments to run first
 
 
-def make_plan(conversation: Conversation) -> Plan:
+def make_plan(conversation: Conversation, abilities: Abilities) -> Plan:
     text = conversation.user_text or ""
-    intents = read_message(text)
     context = conversation.context
-    if context.question and not any(intent.kind in ("add", "list", *_TARGETED) for intent in intents):
+    intents = read_message(text)
+    confirmed = False
+    if context.confirm_adds and _YES.match(text.strip()):
+        intents, confirmed = read_message(context.question_request), True
+    elif context.confirm_adds and _CANCEL.match(text.strip()):
+        intents = [Intent("cancelled")]
+    elif context.question and not any(intent.kind in ("add", "list", *_TARGETED) for intent in intents):
         answered = _answer_to_question(text, context)
         if answered is not None:
             intents = answered
+    if context.last_request and not any(intent.kind in ("add", "list", *_TARGETED) for intent in intents):
+        intents = _same_again(text, context) or intents
     if context.offered_title and _YES.match(text.strip()):
-        intents = [Intent("add", title=context.offered_title)]
+        # the offered phrase as a task, with any date or priority it names ("Dentist on Friday")
+        offered = read_clause(f"add {context.offered_title}", [])
+        intents = [
+            offered if offered.kind == "add" and not offered.items else Intent("add", title=context.offered_title)
+        ]
     elif context.offered_title and _CANCEL.match(text.strip()):
         intents = [Intent("cancelled")]
     intents = _point_at_new_tasks(_guard_bulk_delete(intents))
-    plan = Plan(intents, context)
-    plan.needs_lookup = any(
-        resolve(ref, intent, context, None).needs_lookup
-        for intent in intents
-        if intent.kind in _TARGETED
-        for ref in intent.refs
-    ) or any(intent.kind == "show" for intent in intents)
+    intents = _finds_as_shows(_confirm_many_adds(intents, confirmed), abilities)
+    plan = Plan(intents, context, abilities)
+    plan.lookups = _lookups(plan)
     return plan
 
 
-_TARGETED = ("complete", "delete", "update", "show")
+_TARGETED = ("complete", "delete", "update", "show", "reopen")
+
+
+def _confirm_many_adds(intents: list[Intent], confirmed: bool) -> list[Intent]:
+    """More than a handful of adds at once ("add x, add x, add x, ..."): ask first; once
+    confirmed, add at most what one turn allows."""
+    adds = [intent for intent in intents if intent.kind == "add"]
+    if len(adds) <= CONFIRM_OVER:
+        return intents
+    others = [intent for intent in intents if intent.kind != "add"]
+    if not confirmed:
+        return [Intent("confirm_adds", title="\n".join(intent.title for intent in adds))]
+    room = max(MAX_CALLS_PER_TURN - len(others), 0)
+    return [*adds[:room], *others]
+
+
+def _lookups(plan: Plan) -> list[dict[str, Any]]:
+    """The list_tasks calls the references need: the whole list for titles and positions,
+    and a filtered list for a class of tasks named by a date ("everything due today")."""
+    lookups: list[dict[str, Any]] = []
+    for intent in plan.intents:
+        if intent.kind not in _TARGETED:
+            continue
+        if intent.kind == "show" or (intent.kind == "update" and (intent.tags_added or intent.tags_removed)):
+            lookups.append(GENERAL_LOOKUP)
+        for ref in intent.refs:
+            due = dict(ref.filters).get("due")
+            if ref.kind == "all" and due and plan.abilities.accepts("list_tasks", "due"):
+                lookups.append({"status": "all", "due": due})
+            elif resolve(ref, intent, plan.context, None).needs_lookup:
+                lookups.append(GENERAL_LOOKUP)
+    unique = {json.dumps(args, sort_keys=True): args for args in lookups}
+    return list(unique.values())
+
+
+_SAME_AGAIN = re.compile(
+    r"^(?:and\s+|also\s+|oh and\s+)?(?P<ref>.+?)\s+(?:too|as well|also)[.!]*$"
+    r"|^(?:same (?:for|with)|do the same (?:for|with)|also|and|now|then|next)\s+(?P<ref2>.+?)[.!]*$",
+    re.I,
+)
+
+
+def _same_again(text: str, context: Context) -> list[Intent] | None:
+    """ "task 2 too" after "mark task 1 done": the previous request's action, on new tasks."""
+    if not (match := _SAME_AGAIN.match(text.strip())):
+        return None
+    protected, quoted = protect_quotes(match.group("ref") or match.group("ref2"))
+    refs = parse_refs(protected, quoted)
+    previous = next((intent for intent in read_message(context.last_request) if intent.kind in _TARGETED), None)
+    if previous is None or not refs or refs[0].kind not in ("id", "title", "position", "them"):
+        return None
+    return [replace(previous, refs=refs)]
+
+
+_LEAD_IN = re.compile(
+    r"^(?:never ?mind|forget|about|regarding|as for|so|the thing (?:with|about))\s+(?:about\s+)?", re.I
+)
+
+
+def _mention(intent: Intent) -> Ref | None:
+    """A clause that asks for nothing but names something ("about the milk"): what a later
+    "it" in the same message may point at."""
+    if intent.kind not in ("unknown", "thanks") or len(intent.text.split()) > 8:
+        return None
+    words = strip_filler(_LEAD_IN.sub("", intent.text)).strip(" ,.")
+    if intent.kind == "thanks" and words == strip_filler(intent.text).strip(" ,."):
+        return None  # plain thanks, nothing named
+    return Ref("title", words=words) if re.search(r"[A-Za-z]{3}", words) else None
 
 
 def _point_at_new_tasks(intents: list[Intent]) -> list[Intent]:
     """In "add buy milk and mark it as done", "it" is the task this message adds; in "the bills
-    were paid, mark that task done", the task named earlier in the message."""
+    were paid, mark that task done", the task named earlier in the message. A "find X" that
+    an action then points at ("find the milk task and mark it done") is only the reference."""
     pointed: list[Intent] = []
     seen_add = False
     named: Ref | None = None
     for intent in intents:
+        if named is None and (mention := _mention(intent)):
+            named = mention  # words that only name a task ("never mind about the milk, delete it")
+            pointed.append(intent)
+            continue
         if named is not None and not seen_add and intent.kind in _TARGETED:
+            if pointed and pointed[-1].kind in ("unknown", "thanks") and any(ref.kind == "it" for ref in intent.refs):
+                pointed.pop()  # that clause was the reference, not a request
+            if any(ref.kind == "it" for ref in intent.refs) and pointed and _is_find(pointed[-1]):
+                pointed.pop()  # "find X and mark it done": the find was the reference
             intent = replace(intent, refs=tuple(named if ref.kind == "it" else ref for ref in intent.refs))
-        if intent.kind in _TARGETED and len(intent.refs) == 1 and intent.refs[0].kind in ("id", "title"):
+        if (
+            (intent.kind in _TARGETED or _is_find(intent))
+            and len(intent.refs) == 1
+            and intent.refs[0].kind in ("id", "title")
+        ):
             named = intent.refs[0]
         if seen_add and intent.kind in _TARGETED and any(ref.kind in ("it", "them") for ref in intent.refs):
             intent = replace(
@@ -393,15 +249,19 @@ def _point_at_new_tasks(intents: list[Intent]) -> list[Intent]:
     return pointed
 
 
-def _actions_on_new_tasks(plan: Plan, turn: list[ToolEvent]) -> list[Call]:
-    added = [
-        int(event.result["task_id"])
-        for event in turn
-        if event.name == "add_task"
-        and event.error is None
-        and isinstance(event.result, dict)
-        and "task_id" in event.result
-    ]
+def _is_find(intent: Intent) -> bool:
+    return intent.kind == "list" and bool(intent.refs)
+
+
+def _finds_as_shows(intents: list[Intent], abilities: Abilities) -> list[Intent]:
+    """Without a search filter, "find the milk task" shows the task its words name."""
+    if abilities.accepts("list_tasks", "query"):
+        return intents
+    return [replace(intent, kind="show", filters=()) if _is_find(intent) else intent for intent in intents]
+
+
+def _actions_on_new_tasks(plan: Plan, events: list[ToolEvent]) -> list[Call]:
+    added = [int(result["task_id"]) for event in events if event.name == "add_task" for result in task_results(event)]
     if not added:
         return []
     retargeted: list[Intent] = []
@@ -410,18 +270,19 @@ def _actions_on_new_tasks(plan: Plan, turn: list[ToolEvent]) -> list[Call]:
         if intent.kind in _TARGETED and new_refs:
             ids = [added[-1]] if all(ref.position == -1 for ref in new_refs) else added
             retargeted.append(replace(intent, refs=tuple(Ref("id", task_id=task_id) for task_id in ids)))
-    calls, _, _, _ = _actions(Plan(retargeted, plan.context), None)
-    return calls
+    return _actions(replace(plan, intents=retargeted), None).calls
 
 
 def _guard_bulk_delete(intents: list[Intent]) -> list[Intent]:
-    """Deleting or completing everything (neither can be undone) is done only when asked for on
-    its own, never as a side effect of a longer message."""
-    if len(intents) <= 1:
+    """Deleting or completing everything is done only when asked for on its own, never as a
+    side effect of a longer message."""
+    actions = [intent for intent in intents if intent.kind not in ("remark", "thanks")]
+    if len(actions) <= 1:
         return intents
     return [
         replace(intent, kind="bulk_refused")
-        if intent.kind in ("delete", "complete") and any(ref.kind == "all" for ref in intent.refs)
+        if intent.kind in ("delete", "complete")
+        and any(ref.kind == "all" and not ref.words and not ref.filters for ref in intent.refs)
         else intent
         for intent in intents
     ]
@@ -494,75 +355,198 @@ def _retarget(context: Context, chosen: list[int]) -> list[Intent] | None:
 # The next step
 
 
-def respond(messages: list[dict[str, Any]]) -> Reply:
-    """The model's answer to a Chat Completions request's messages."""
+class Progress:
+    """How far this turn has got: its tool results, consumed phase by phase."""
+
+    def __init__(self, turn: list[ToolEvent]) -> None:
+        self.turn = turn
+        self.done = 0
+
+    def next_step(self, calls: list[Call]) -> Reply | None:
+        """The next at most 20 calls of this phase not yet run; None once all have results."""
+        answered = len(self.turn) - self.done
+        if answered < len(calls):
+            return Reply(calls=tuple(calls[answered : answered + MAX_CALLS_PER_STEP]))
+        return None
+
+    def results(self, calls: list[Call]) -> list[ToolEvent]:
+        events = self.turn[self.done : self.done + len(calls)]
+        self.done += len(calls)
+        return events
+
+
+def respond(messages: list[dict[str, Any]], tools: Any = None) -> Reply:
+    """The model's answer to a Chat Completions request's messages (and the tools offered)."""
     conversation = read_conversation(messages)
     if conversation.user_text is None:
         return Reply(replies.HELP)
-    plan = make_plan(conversation)
-    turn = conversation.turn
-    step = 0
-    tasks: list[dict[str, Any]] | None = None
-    if plan.needs_lookup:
-        if not turn:
-            return Reply(calls=(Call("list_tasks", {"status": "all"}),))
-        lookup = turn[0]
-        if lookup.error is not None or not isinstance(lookup.result, list):
-            return Reply(replies.lookup_failed(lookup.error or "unexpected answer"))
-        tasks = [task for task in lookup.result if isinstance(task, dict) and "id" in task]
-        step = 1
-    actions, notes, questions, shows = _actions(plan, tasks)
-    if actions and len(turn) <= step:
-        return Reply(calls=tuple(actions))
-    step += len(actions)
-    follow_ups = _actions_on_new_tasks(plan, turn[step - len(actions) :]) if len(turn) >= step else []
-    if follow_ups and len(turn) <= step:
-        return Reply(calls=tuple(follow_ups))
-    step += len(follow_ups)
-    lists = [Call("list_tasks", {"status": intent.status}) for intent in plan.intents if intent.kind == "list"]
-    if lists and len(turn) <= step:
-        return Reply(calls=tuple(lists))
-    return Reply(_compose(plan, turn[1 if plan.needs_lookup else 0 :], notes, questions, shows))
+    plan = make_plan(conversation, Abilities.of(tools))
+    progress = Progress(conversation.turn)
+    lookup_calls = [Call("list_tasks", args) for args in plan.lookups]
+    if step := progress.next_step(lookup_calls):
+        return step
+    lookups: Lookups = {}
+    for event in progress.results(lookup_calls):
+        if event.error is not None or not isinstance(event.result, list):
+            return Reply(replies.lookup_failed(event.error or "unexpected answer"))
+        tasks = [task for task in event.result if isinstance(task, dict) and "id" in task]
+        lookups[json.dumps(event.arguments, sort_keys=True)] = tasks
+    actions = _actions(plan, lookups if plan.lookups else None)
+    if step := progress.next_step(actions.calls):
+        return step
+    events = progress.results(actions.calls)
+    retries = _retries_without_due(actions, events)
+    if step := progress.next_step(retries):
+        return step
+    events = _replace_retried(events, progress.results(retries))
+    follow_ups = _actions_on_new_tasks(plan, events)
+    if step := progress.next_step(follow_ups):
+        return step
+    events += progress.results(follow_ups)
+    list_calls = [call for intent in plan.intents if intent.kind == "list" for call in _list_calls(intent, plan)]
+    if step := progress.next_step(list_calls):
+        return step
+    listed = progress.results(list_calls)
+    return Reply(_compose(plan, events, listed, actions))
 
 
-def _actions(plan: Plan, tasks: list[dict[str, Any]] | None) -> tuple[list[Call], list[str], list[str], list[str]]:
-    calls: list[Call] = []
-    notes: list[str] = []
-    questions: list[str] = []
-    shows: list[str] = []
+def _retries_without_due(actions: Actions, events: list[ToolEvent]) -> list[Call]:
+    """An add whose date phrase the task service could not read is added again with the date
+    words kept in its title, so nothing the user said is lost."""
+    retries = []
+    for call, event in zip(actions.calls, events, strict=False):
+        intent = actions.sources.get(id(call))
+        if event.name == "add_task" and event.error and "due" in event.error.lower() and intent is not None:
+            arguments = {key: value for key, value in call.arguments.items() if key != "due"}
+            retries.append(Call("add_task", {**arguments, "title": intent.title}))
+    return retries
+
+
+def _replace_retried(events: list[ToolEvent], retried: list[ToolEvent]) -> list[ToolEvent]:
+    """The turn's events with each failed dated add replaced by its retry."""
+    pending = list(retried)
+    replaced = []
+    for event in events:
+        if pending and event.name == "add_task" and event.error and "due" in event.error.lower():
+            retry = pending.pop(0)
+            retry.note = replies.kept_date_in_title(event.arguments.get("due", ""))
+            replaced.append(retry)
+        else:
+            replaced.append(event)
+    return replaced
+
+
+def _list_calls(intent: Intent, plan: Plan) -> list[Call]:
+    """The list_tasks calls of one list request; "this week" is today's and the coming ones."""
+    arguments: dict[str, Any] = {"status": intent.status}
+    for name, value in intent.filters:
+        if plan.abilities.accepts("list_tasks", name):
+            arguments[name] = value
+    if arguments.get("due") == "week":
+        return [Call("list_tasks", {**arguments, "due": due}) for due in ("today", "upcoming")]
+    return [Call("list_tasks", arguments)]
+
+
+@dataclass
+class Actions:
+    calls: list[Call] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # sentences for the answer (no such task...)
+    questions: list[str] = field(default_factory=list)
+    shows: list[str] = field(default_factory=list)
+    sources: dict[int, Intent] = field(default_factory=dict)  # id(add call) -> the add intent it came from
+
+
+def _actions(plan: Plan, lookups: Lookups | None) -> Actions:
+    actions = Actions()
     done: set[tuple[str, int]] = set()
+    general = (lookups or {}).get(json.dumps(GENERAL_LOOKUP, sort_keys=True))
     for intent in plan.intents:
         if intent.kind == "add":
-            arguments: dict[str, Any] = {"title": intent.title}
-            if intent.description:
-                arguments["description"] = intent.description
-            calls.append(Call("add_task", arguments))
-            continue
-        if intent.kind not in _TARGETED:
-            continue
-        for ref in intent.refs:
-            resolution = resolve(ref, intent, plan.context, tasks)
-            notes.extend(filter(None, [resolution.note]))
-            questions.extend(filter(None, [resolution.question]))
-            for task_id in resolution.ids:
-                if (intent.kind, task_id) in done:
-                    continue
-                done.add((intent.kind, task_id))
-                if intent.kind == "show":
-                    shows.append(replies.show(task_id, tasks or []))
-                elif intent.kind == "update":
-                    if not intent.title and intent.description is None:
-                        questions.append(replies.update_what(task_id))
-                        continue
-                    arguments = {"task_id": task_id}
-                    if intent.title:
-                        arguments["title"] = intent.title
-                    if intent.description is not None:
-                        arguments["description"] = intent.description
-                    calls.append(Call("update_task", arguments))
-                else:
-                    calls.append(Call(f"{intent.kind}_task", {"task_id": task_id}))
-    return calls, notes, questions, shows
+            call = Call("add_task", _add_arguments(intent, plan.abilities))
+            actions.calls.append(call)
+            actions.sources[id(call)] = intent
+        elif intent.kind == "undo" and plan.abilities.has("undo_last_change"):
+            actions.calls.append(Call("undo_last_change", {}))
+        elif intent.kind == "timezone" and intent.timezone and plan.abilities.has("set_timezone"):
+            actions.calls.append(Call("set_timezone", {"timezone": intent.timezone}))
+        elif intent.kind in _TARGETED:
+            if intent.kind == "reopen" and not plan.abilities.has("reopen_task"):
+                continue  # said in the answer: there is no tool for it
+            ids: list[int] = []
+            for ref in intent.refs:
+                resolution = resolve(ref, intent, plan.context, general, lookups)
+                actions.notes.extend(filter(None, [resolution.note]))
+                actions.questions.extend(filter(None, [resolution.question]))
+                # the same task twice is acted on once ("delete 3 and task 3"); updates are merged
+                ids += [task_id for task_id in resolution.ids if (intent.kind, task_id) not in done]
+                if intent.kind != "update":
+                    done.update((intent.kind, task_id) for task_id in resolution.ids)
+            _act_on(intent, list(dict.fromkeys(ids)), plan, general, actions)
+    return actions
+
+
+def _add_arguments(intent: Intent, abilities: Abilities) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"title": intent.title}
+    if intent.due and abilities.accepts("add_task", "due"):
+        arguments = {"title": intent.plain_title or intent.title, "due": plainer(intent.due)}
+    if intent.description:
+        arguments["description"] = intent.description
+    if intent.priority and abilities.accepts("add_task", "priority"):
+        arguments["priority"] = intent.priority
+    if intent.tags_added and abilities.accepts("add_task", "tags"):
+        arguments["tags"] = list(intent.tags_added)
+    return arguments
+
+
+def _act_on(intent: Intent, ids: list[int], plan: Plan, tasks: list[dict[str, Any]] | None, actions: Actions) -> None:
+    """The calls of one targeted intent on the task numbers it resolved to."""
+    name = f"{intent.kind}_task"
+    if intent.kind == "show":
+        actions.shows += [replies.show(task_id, tasks or []) for task_id in ids]
+    elif intent.kind == "update":
+        for task_id in ids:
+            arguments = _update_arguments(intent, task_id, plan.abilities, tasks)
+            if arguments is None:
+                actions.questions.append(replies.update_what(task_id))
+            elif len(arguments) == 1:
+                actions.notes.append(replies.chat(Intent("no_planning")))
+            elif earlier := next(
+                (c for c in actions.calls if c.name == "update_task" and c.arguments["task_id"] == task_id), None
+            ):
+                earlier.arguments.update(arguments)  # "move X to friday and make it urgent": one update
+            else:
+                actions.calls.append(Call("update_task", arguments))
+    elif len(ids) > MAX_CALLS_PER_STEP and plan.abilities.accepts(name, "task_ids"):
+        # many at once ("delete all my completed tasks"): one call per 50 numbers
+        actions.calls += [Call(name, {"task_ids": ids[i : i + 50]}) for i in range(0, len(ids), 50)]
+    else:
+        room = MAX_CALLS_PER_TURN - len(actions.calls)
+        actions.calls += [Call(name, {"task_id": task_id}) for task_id in ids[:room]]
+
+
+def _update_arguments(
+    intent: Intent, task_id: int, abilities: Abilities, tasks: list[dict[str, Any]] | None
+) -> dict[str, Any] | None:
+    """update_task's arguments; None when nothing to change was said."""
+    planning = (
+        intent.due is not None or intent.priority or intent.tags_added or intent.tags_removed or intent.clear_tags
+    )
+    if not intent.title and intent.description is None and not planning:
+        return None
+    arguments: dict[str, Any] = {"task_id": task_id}
+    if intent.title:
+        arguments["title"] = intent.title
+    if intent.description is not None:
+        arguments["description"] = intent.description
+    if intent.due is not None and abilities.accepts("update_task", "due"):
+        arguments["due"] = plainer(intent.due)
+    if intent.priority and abilities.accepts("update_task", "priority"):
+        arguments["priority"] = intent.priority
+    if (intent.tags_added or intent.tags_removed or intent.clear_tags) and abilities.accepts("update_task", "tags"):
+        current = next((task.get("tags") or [] for task in tasks or [] if task.get("id") == task_id), [])
+        tags = [] if intent.clear_tags else [str(tag) for tag in current if tag not in intent.tags_removed]
+        arguments["tags"] = list(dict.fromkeys([*tags, *intent.tags_added]))
+    return arguments
 
 
 def _adds_in_number_order(events: list[ToolEvent]) -> list[ToolEvent]:
@@ -574,18 +558,57 @@ def _adds_in_number_order(events: list[ToolEvent]) -> list[ToolEvent]:
     return [adds.pop(0) if event.name == "add_task" else event for event in events]
 
 
-def _compose(plan: Plan, events: list[ToolEvent], notes: list[str], questions: list[str], shows: list[str]) -> str:
+_CHATTY = ("add", "list", "remark", *_TARGETED)
+
+
+def _compose(plan: Plan, events: list[ToolEvent], listed: list[ToolEvent], actions: Actions) -> str:
     blocks: list[str] = []
-    sentences = [replies.outcome(event) for event in _adds_in_number_order(events) if event.name != "list_tasks"]
-    sentences += notes
-    sentences += [replies.chat(intent) for intent in plan.intents if intent.kind not in ("add", "list", *_TARGETED)]
-    acted = bool(events) or bool(shows) or bool(questions)
+    sentences = [
+        " ".join(filter(None, [replies.outcome(event), event.note])) for event in _adds_in_number_order(events)
+    ]
+    sentences += actions.notes
+    sentences += [
+        _chat_sentence(intent, plan)
+        for intent in plan.intents
+        if intent.kind not in _CHATTY or (intent.kind == "reopen" and not plan.abilities.has("reopen_task"))
+    ]
+    acted = bool(events) or bool(actions.shows) or bool(actions.questions) or bool(listed)
     sentences = [sentence for sentence in sentences if sentence and not (acted and sentence in replies.SMALL_TALK)]
     if sentences:
         blocks.append(" ".join(dict.fromkeys(sentences)))
-    blocks += shows
-    blocks += [replies.listing(event) for event in events if event.name == "list_tasks"]
-    blocks += questions
+    blocks += actions.shows
+    blocks += _list_blocks(plan, listed)
+    blocks += actions.questions
     if not blocks:
         return replies.HELP
     return "\n\n".join(blocks)
+
+
+def _chat_sentence(intent: Intent, plan: Plan) -> str:
+    if intent.kind == "confirm_adds":
+        return replies.confirm_adds(intent.title.split("\n"), MAX_CALLS_PER_TURN)
+    if intent.kind in ("undo", "timezone") and plan.abilities.has(
+        "undo_last_change" if intent.kind == "undo" else "set_timezone"
+    ):
+        return "" if intent.kind == "undo" or intent.timezone else replies.chat(intent)
+    return replies.chat(intent)
+
+
+def _list_blocks(plan: Plan, listed: list[ToolEvent]) -> list[str]:
+    """One block per list request; "this week" merges its two lists into one."""
+    blocks = []
+    position = 0
+    for intent in (intent for intent in plan.intents if intent.kind == "list"):
+        count = len(_list_calls(intent, plan))
+        events = listed[position : position + count]
+        position += count
+        failed = next((event for event in events if event.error is not None), None)
+        if failed is not None:
+            blocks.append(replies.listing(failed))
+            continue
+        tasks = [task for event in events for task in event.result or [] if isinstance(task, dict)]
+        arguments = dict(events[0].arguments) if events else {}
+        if count > 1:
+            arguments["due"] = "week"
+        blocks.append(replies.list_block(arguments, tasks))
+    return blocks

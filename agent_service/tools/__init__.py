@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from agent_service.tools import tasks
+from agent_service.tools import conversations, tasks
 from agent_service.tools.base import (
     TOOL_ERROR_CODES,
     Surface,
@@ -21,10 +21,27 @@ from agent_service.tools.base import (
     check_arguments,
     parse_arguments,
 )
+from common import audit, metrics
 
-__all__ = ["TOOLS", "Tool", "ToolContext", "ToolError", "execute", "for_surface", "parse_arguments"]
+__all__ = [
+    "TOOLS",
+    "Tool",
+    "ToolContext",
+    "ToolError",
+    "account",
+    "execute",
+    "for_surface",
+    "is_write",
+    "parse_arguments",
+]
 
-TOOLS: dict[str, Tool] = {tool.name: tool for tool in tasks.TOOLS}
+TOOLS: dict[str, Tool] = {tool.name: tool for tool in (*tasks.TOOLS, *conversations.TOOLS)}
+
+
+def is_write(name: str) -> bool:
+    """Whether a tool changes data (unknown names count as writes: the cautious side)."""
+    tool = TOOLS.get(name)
+    return tool is None or not tool.annotations.get("read_only_hint", False)
 
 
 def for_surface(surface: Surface) -> list[Tool]:
@@ -33,7 +50,32 @@ def for_surface(surface: Surface) -> list[Tool]:
 
 
 async def execute(name: str, raw_arguments: str | dict[str, Any] | None, context: ToolContext) -> Any:
-    """Run one tool as `context.caller`; ToolError for a mistake in the call, other errors propagate."""
+    """Run one tool as `context.caller`; ToolError for a mistake in the call, other errors propagate.
+
+    Every call is counted (todo_tool_calls_total) and audited with its tool, user, surface and
+    outcome (never its arguments or result: they hold what the user wrote)."""
+    try:
+        result = await _run(name, raw_arguments, context)
+    except ToolError as error:
+        account(name, context, "error", error.code.name if error.code else "invalid_call")
+        raise
+    except BaseException:
+        account(name, context, "failed")
+        raise
+    account(name, context, "ok")
+    return result
+
+
+def account(name: str, context: ToolContext, outcome: str, reason: str = "") -> None:
+    """One tool call in the metrics and the audit trail; `outcome`: ok, error, failed or refused."""
+    label = name if name in TOOLS else "unknown"  # a model can make up any name
+    metrics.tool_call(label, outcome)
+    audit.record(
+        "tool_call", tool=label, user=context.caller.user_id, surface=context.source, outcome=outcome, reason=reason
+    )
+
+
+async def _run(name: str, raw_arguments: str | dict[str, Any] | None, context: ToolContext) -> Any:
     offered = {tool.name: tool for tool in for_surface(context.source)}
     tool = offered.get(name)
     if tool is None:
@@ -43,5 +85,5 @@ async def execute(name: str, raw_arguments: str | dict[str, Any] | None, context
         return await tool.run(context, arguments)
     except grpc.aio.AioRpcError as error:
         if error.code() in TOOL_ERROR_CODES:
-            raise ToolError(error.details() or error.code().name) from error
+            raise ToolError(error.details() or error.code().name, error.code()) from error
         raise

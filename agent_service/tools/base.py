@@ -40,7 +40,14 @@ TOOL_ERROR_CODES = {
 
 
 class ToolError(Exception):
-    """The tool call was wrong (bad arguments, no such task...): tell the model, don't fail the turn."""
+    """The tool call was wrong (bad arguments, no such task...): tell the model, don't fail the turn.
+
+    `code` is the service's status when the error came from one (RESOURCE_EXHAUSTED: the
+    user's budget is spent, so the turn stops issuing writes)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -109,29 +116,46 @@ def check_arguments(tool: Tool, arguments: dict[str, Any], caller: Caller) -> di
     missing = [name for name in tool.input_schema["required"] if arguments.get(name) in (None, "")]
     if missing:
         raise ToolError(f"missing argument(s) for {tool.name}: {', '.join(missing)}")
-    return {name: coerce(name, value, properties[name]) for name, value in arguments.items() if value is not None}
+    return {
+        name: coerce(name, value, properties[name])
+        for name, value in arguments.items()
+        if value is not None and not _blank_choice(value, properties[name])
+    }
+
+
+def _blank_choice(value: Any, schema: dict[str, Any]) -> bool:
+    # Models often send "" for an optional choice they don't mean to make: treat it as absent.
+    return value == "" and "enum" in schema
+
+
+# The schemas sent to models carry no length limits (some grammar-constrained servers fail on
+# maxLength, issue 13): task_service enforces the real limits; this only stops absurd payloads.
+MAX_ARGUMENT_CHARS = 10_000
 
 
 def coerce(name: str, value: Any, schema: dict[str, Any]) -> Any:
-    """One argument as its schema's type; models often quote numbers ("3")."""
+    """One argument as its schema's type; models often quote numbers ("3") and send a list as
+    one comma-separated string ("work, home") or a single item."""
     kind = schema["type"]
     if kind == "integer":
         if isinstance(value, bool) or not (
-            isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
+            isinstance(value, int) or (isinstance(value, str) and value.strip().isdecimal())
         ):
             raise ToolError(f"{name} must be a whole number")
         value = int(value)
         if value < schema.get("minimum", value) or value > 2**31 - 1:
-            raise ToolError(f"{name} must be a positive task number")
+            raise ToolError(f"{name} must be a positive number")
         return value
     if kind == "array":
-        if not isinstance(value, list):
-            raise ToolError(f"{name} must be a list")
-        if len(value) > schema.get("maxItems", len(value)) or len(value) < schema.get("minItems", 0):
-            raise ToolError(f"{name} must have {schema.get('minItems', 0)} to {schema['maxItems']} items")
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        elif not isinstance(value, list):
+            value = [value]
         return [coerce(name, item, schema["items"]) for item in value]
     if not isinstance(value, str):
         raise ToolError(f"{name} must be a string")
+    if len(value) > MAX_ARGUMENT_CHARS:
+        raise ToolError(f"{name} is far too long ({len(value)} characters)")
     if "enum" in schema and value.strip().lower() not in schema["enum"]:
         raise ToolError(f"{name} must be one of: {', '.join(schema['enum'])}")
     return value.strip().lower() if "enum" in schema else value

@@ -1,7 +1,7 @@
 """The built-in model's labelled evaluation: run every case through a real stack, score it.
 
-Each case (tests/eval/cases.yaml) gets a fresh user: its seed tasks are created through the
-task API, its messages are sent to the chat agent one after the other in one conversation,
+Each case (tests/eval/dev/*.yaml and tests/eval/held_out/*.yaml, see README.md) gets a fresh
+user: its seed tasks are created through the task API, its messages are sent to the chat agent one after the other in one conversation,
 and the case passes when the user's tasks afterwards are the expected ones (titles,
 completed flags, which numbers still exist) and the last answer has the expected properties.
 
@@ -11,9 +11,12 @@ Backends:
   --grpc TASK_ADDR AGENT_ADDR   a running stack, over gRPC
   --rest BASE_URL         a running stack through the gateway (Envoy), over REST
   --driver TASK_ADDR      no agent_service: the model through the openai SDK, tools run here
+  --memory                no services: the model with in-memory tools (memory.py), a quick
+                          development loop; not the score of record
 Tokens are minted per user with --secret (default: BETTER_AUTH_SECRET, or the local one).
 
     python -m tests.eval.run_eval --local
+    python -m tests.eval.run_eval --local --set held_out      # only the held-out batches
     python -m tests.eval.run_eval --rest http://127.0.0.1:8080 --secret "$BETTER_AUTH_SECRET"
 """
 
@@ -21,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import sys
 import tempfile
 import time
 import uuid
+import zoneinfo
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -37,8 +42,12 @@ import yaml
 
 from common.tokens import mint
 
-CASES_FILE = Path(__file__).with_name("cases.yaml")
+EVAL_DIR = Path(__file__).parent
+# The development set (cases the model was tuned on) and the held-out batches (written
+# before the model saw them, scored on their first run; see README.md).
+CASE_SETS = {"dev": EVAL_DIR / "dev", "held_out": EVAL_DIR / "held_out"}
 CONCURRENCY = 8
+PLANNING_KEYS = ("due", "priority", "tags", "seed_meta")
 
 
 # ---------------------------------------------------------------------------------------
@@ -50,6 +59,10 @@ class TaskState:
     id: int
     title: str
     completed: bool
+    due_date: str = ""
+    due_time: str = ""
+    priority: str = "none"
+    tags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -61,6 +74,14 @@ class Case:
     reply_has: list[str] = field(default_factory=list)
     reply_lacks: list[str] = field(default_factory=list)
     asks: bool = False
+    # Planning (round 2): expected due dates ({task number: spec}, see due_matches),
+    # priorities and tags; seed_meta gives seed tasks their own. `planning` cases need a
+    # stack with the planning tools and are skipped (and counted) by one without them.
+    due: dict[int | str, str] = field(default_factory=dict)  # by task number, or by title
+    priority: dict[int, str] = field(default_factory=dict)
+    tags: dict[int, list[str]] = field(default_factory=dict)
+    seed_meta: dict[int, dict[str, Any]] = field(default_factory=dict)
+    planning: bool = False
 
 
 def _task_line(line: str, default_id: int) -> TaskState:
@@ -92,8 +113,16 @@ def _apply_changes(seed: list[TaskState], entry: dict[str, Any]) -> list[TaskSta
     return [tasks[task_id] for task_id in sorted(tasks)]
 
 
-def load_cases(path: Path = CASES_FILE) -> list[Case]:
-    raw = yaml.safe_load(path.read_text())
+def case_files(which: str = "all", path: Path | None = None) -> list[Path]:
+    """The YAML files of a case set ("dev", "held_out", "all"), or of one file or folder."""
+    if path is not None:
+        return [path] if path.is_file() else sorted(path.glob("*.yaml"))
+    folders = list(CASE_SETS.values()) if which == "all" else [CASE_SETS[which]]
+    return [file for folder in folders for file in sorted(folder.glob("*.yaml"))]
+
+
+def load_cases(path: Path | None = None, which: str = "all") -> list[Case]:
+    raw = [entry for file in case_files(which, path) for entry in yaml.safe_load(file.read_text()) or []]
     cases = []
     names: set[str] = set()
     for entry in raw:
@@ -119,9 +148,58 @@ def load_cases(path: Path = CASES_FILE) -> list[Case]:
                 reply_has=list(entry.get("reply_has") or []),
                 reply_lacks=list(entry.get("reply_lacks") or []),
                 asks=bool(entry.get("asks", False)),
+                due={
+                    (int(k) if str(k).isdigit() else str(k)): str(v or "") for k, v in (entry.get("due") or {}).items()
+                },
+                priority={int(k): str(v) for k, v in (entry.get("priority") or {}).items()},
+                tags={int(k): [str(t) for t in v or []] for k, v in (entry.get("tags") or {}).items()},
+                seed_meta={int(k): dict(v) for k, v in (entry.get("seed_meta") or {}).items()},
+                planning=bool(entry.get("planning")) or any(entry.get(key) for key in PLANNING_KEYS),
             )
         )
     return cases
+
+
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def due_matches(spec: str, due_date: str, due_time: str, today: dt.date) -> bool:
+    """Does a task's due date fit a case's spec? "" none; "*" any date; "+2" two days from
+    today; "+1..+13" a range of them; "fri" the next Friday (today included); "2026-12-24";
+    "sat|sun" either; any of them with " HH:MM" for the time."""
+    day, _, time_part = spec.strip().partition(" ")
+    if not day:
+        return not due_date
+    if not due_date or (time_part and due_time != time_part):
+        return False
+    if "|" in day:
+        return any(due_matches(option, due_date, "", today) for option in day.split("|"))
+    date = dt.date.fromisoformat(due_date)
+    if day == "*":
+        return True
+    if ".." in day:
+        low, high = (int(part) for part in day.split(".."))
+        return low <= (date - today).days <= high
+    if day.startswith("+") or day.startswith("-"):
+        return date == today + dt.timedelta(days=int(day))
+    if day[:3].lower() in _WEEKDAYS:
+        return date.weekday() == _WEEKDAYS.index(day[:3].lower()) and 0 <= (date - today).days <= 7
+    return date == dt.date.fromisoformat(day)
+
+
+def resolve_due(spec: str, today: dt.date) -> tuple[str, str]:
+    """A seed's due spec as the (due_date, due_time) to store."""
+    day, _, time_part = spec.strip().partition(" ")
+    if day.startswith(("+", "-")):
+        return (today + dt.timedelta(days=int(day))).isoformat(), time_part
+    if day[:3].lower() in _WEEKDAYS:
+        ahead = (_WEEKDAYS.index(day[:3].lower()) - today.weekday()) % 7
+        return (today + dt.timedelta(days=ahead)).isoformat(), time_part
+    return day, time_part
+
+
+def user_today(timezone: str = "UTC") -> dt.date:
+    return dt.datetime.now(zoneinfo.ZoneInfo(timezone)).date()
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,7 +207,9 @@ def load_cases(path: Path = CASES_FILE) -> list[Case]:
 
 
 class Backend(Protocol):
-    async def create_task(self, user: str, title: str, completed: bool) -> None: ...
+    supports_planning: bool
+
+    async def create_task(self, user: str, title: str, completed: bool, meta: dict[str, Any]) -> None: ...
     async def chat(self, user: str, conversation_id: int | None, message: str) -> tuple[int | None, str]: ...
     async def tasks(self, user: str) -> list[TaskState]: ...
     async def close(self) -> None: ...
@@ -150,11 +230,16 @@ class GrpcBackend:
     def metadata(self, user: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {mint(self.secret, user, 3600)}"),)
 
-    async def create_task(self, user: str, title: str, completed: bool) -> None:
+    @property
+    def supports_planning(self) -> bool:
+        return stack_has_planning()
+
+    async def create_task(self, user: str, title: str, completed: bool, meta: dict[str, Any]) -> None:
         from todo.v1 import task_pb2
 
+        fields = _planning_fields(meta) if self.supports_planning else {}
         task = await self.task_stub.CreateTask(
-            task_pb2.CreateTaskRequest(title=title), metadata=self.metadata(user), timeout=30
+            task_pb2.CreateTaskRequest(title=title, **fields), metadata=self.metadata(user), timeout=30
         )
         if completed:
             request = task_pb2.SetTaskCompletedRequest(task_id=task.id, completed=True)
@@ -173,7 +258,7 @@ class GrpcBackend:
 
         request = task_pb2.ListTasksRequest(status="all", page_size=100)
         reply = await self.task_stub.ListTasks(request, metadata=self.metadata(user), timeout=30)
-        return [TaskState(task.id, task.title, task.completed) for task in reply.tasks]
+        return [_task_state(task.id, task.title, task.completed, task) for task in reply.tasks]
 
     async def close(self) -> None:
         await self.task_channel.close()
@@ -199,8 +284,12 @@ class RestBackend:
             raise RuntimeError(f"{method} {path}: HTTP {response.status_code} {response.text[:200]}")
         return response.json()
 
-    async def create_task(self, user: str, title: str, completed: bool) -> None:
-        task = await self._send("POST", f"/api/{user}/tasks", user, {"title": title})
+    @property
+    def supports_planning(self) -> bool:
+        return stack_has_planning()
+
+    async def create_task(self, user: str, title: str, completed: bool, meta: dict[str, Any]) -> None:
+        task = await self._send("POST", f"/api/{user}/tasks", user, {"title": title, **_planning_fields(meta)})
         if completed:
             await self._send("PATCH", f"/api/{user}/tasks/{task['id']}/complete", user, {"completed": True})
 
@@ -213,10 +302,85 @@ class RestBackend:
 
     async def tasks(self, user: str) -> list[TaskState]:
         reply = await self._send("GET", f"/api/{user}/tasks?status=all&page_size=100", user)
-        return [TaskState(int(task["id"]), task["title"], bool(task["completed"])) for task in reply["tasks"]]
+        return [_task_state(int(task["id"]), task["title"], bool(task["completed"]), task) for task in reply["tasks"]]
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _planning_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """A seed's planning fields as the task API takes them."""
+    fields: dict[str, Any] = {}
+    if meta.get("due"):
+        fields["due_date"], fields["due_time"] = resolve_due(str(meta["due"]), user_today())
+    if meta.get("priority"):
+        fields["priority"] = meta["priority"]
+    if meta.get("tags"):
+        fields["tags"] = list(meta["tags"])
+    return fields
+
+
+def _task_state(task_id: int, title: str, completed: bool, source: Any) -> TaskState:
+    """A task as scored; the planning fields are read when the API has them."""
+
+    def read(name: str, default: Any) -> Any:
+        value = source.get(name, default) if isinstance(source, dict) else getattr(source, name, default)
+        return default if value is None else value
+
+    return TaskState(
+        task_id,
+        title,
+        completed,
+        str(read("due_date", "")),
+        str(read("due_time", "")),
+        str(read("priority", "none")) or "none",
+        tuple(read("tags", ())),
+    )
+
+
+class MemoryBackend:
+    """No services: the model with in-memory tools (see memory.py)."""
+
+    def __init__(self, planning: bool = True) -> None:
+        from tests.eval import memory
+
+        self.supports_planning = planning
+        self.memory = memory
+        self.schemas = memory.PLANNING_TOOLS if planning else memory.PLANNING_TOOLS[:5]
+        self.stores: dict[str, Any] = {}
+        self.histories: dict[int, list[list[dict[str, Any]]]] = {}
+
+    def _store(self, user: str) -> Any:
+        return self.stores.setdefault(user, self.memory.MemoryStore())
+
+    async def create_task(self, user: str, title: str, completed: bool, meta: dict[str, Any]) -> None:
+        store = self._store(user)
+        store.add_task({"title": title})
+        task = store.tasks[store.next_id - 1]
+        task.completed = completed
+        fields = _planning_fields(meta)
+        task.due_date, task.due_time = fields.get("due_date", ""), fields.get("due_time", "")
+        task.priority, task.tags = fields.get("priority", "none"), fields.get("tags", [])
+        store.log.clear()
+
+    async def chat(self, user: str, conversation_id: int | None, message: str) -> tuple[int | None, str]:
+        if conversation_id is None:
+            conversation_id = len(self.histories) + 1
+            self.histories[conversation_id] = []
+        text, _ = self.memory.run_turn(self._store(user), self.histories[conversation_id], message, self.schemas)
+        return conversation_id, text
+
+    async def tasks(self, user: str) -> list[TaskState]:
+        return [
+            TaskState(t.id, t.title, t.completed, t.due_date, t.due_time, t.priority, tuple(t.tags))
+            for t in self._store(user).tasks.values()
+        ]
+
+    async def timezone(self, user: str) -> str:
+        return str(self._store(user).timezone)
+
+    async def close(self) -> None:
+        return None
 
 
 class DriverBackend(GrpcBackend):
@@ -253,7 +417,7 @@ class Outcome:
     seconds: float
 
 
-def check(case: Case, replies: list[str], tasks: list[TaskState]) -> list[str]:
+def check(case: Case, replies: list[str], tasks: list[TaskState], timezone: str = "UTC") -> list[str]:
     problems = []
     if case.tasks is not None:
         want = sorted((task.title, task.completed) for task in case.tasks)
@@ -269,6 +433,27 @@ def check(case: Case, replies: list[str], tasks: list[TaskState]) -> list[str]:
             problems.append(f"reply has {text!r}")
     if case.asks and "?" not in last:
         problems.append("reply is not a question")
+    return problems + check_planning(case, tasks, user_today(timezone))
+
+
+def check_planning(case: Case, tasks: list[TaskState], today: dt.date) -> list[str]:
+    by_id = {task.id: task for task in tasks}
+    problems = []
+    by_title = {task.title: task for task in tasks}
+    for task_id, spec in case.due.items():
+        # by title when adds run in parallel and may be numbered in either order
+        task = by_id.get(task_id) if isinstance(task_id, int) else by_title.get(task_id)
+        if task is None or not due_matches(spec, task.due_date, task.due_time, today):
+            got = f"{task.due_date} {task.due_time}".strip() if task else "no such task"
+            problems.append(f"task {task_id} due: expected {spec or 'none'!r}, got {got or 'none'!r}")
+    for task_id, priority in case.priority.items():
+        task = by_id.get(task_id)
+        if task is None or task.priority != priority:
+            problems.append(f"task {task_id} priority: expected {priority}, got {task.priority if task else '-'}")
+    for task_id, tags in case.tags.items():
+        task = by_id.get(task_id)
+        if task is None or sorted(task.tags) != sorted(tags):
+            problems.append(f"task {task_id} tags: expected {tags}, got {list(task.tags) if task else '-'}")
     return problems
 
 
@@ -285,19 +470,42 @@ async def run_case(backend: Backend, case: Case) -> Outcome:
     user = f"eval-{uuid.uuid4().hex[:12]}"
     replies: list[str] = []
     try:
-        for title, completed in case.seed:
-            await backend.create_task(user, title, completed)
+        for number, (title, completed) in enumerate(case.seed, start=1):
+            await backend.create_task(user, title, completed, case.seed_meta.get(number, {}))
         conversation_id: int | None = None
         for message in case.say:
             conversation_id, reply = await backend.chat(user, conversation_id, message)
             replies.append(reply)
-        problems = check(case, replies, await backend.tasks(user))
+        timezone = await backend.timezone(user) if hasattr(backend, "timezone") else "UTC"
+        problems = check(case, replies, await backend.tasks(user), timezone)
     except Exception as error:  # a failing case is scored, not fatal to the run
         problems = [f"{type(error).__name__}: {error}"]
     return Outcome(case, not problems, problems, replies, time.perf_counter() - started)
 
 
+def stack_has_planning() -> bool:
+    """Do this checkout's task API and chat tools have the round 2 planning features?"""
+    from todo.v1 import task_pb2
+
+    try:
+        from agent_service import tools
+
+        names = {tool.name for tool in tools.for_surface("chat")}
+    except (ImportError, AttributeError):
+        return False
+    return "due_date" in task_pb2.Task.DESCRIPTOR.fields_by_name and "reopen_task" in names
+
+
+def runnable(backend: Backend, cases: list[Case]) -> tuple[list[Case], list[Case]]:
+    """(the cases this backend can run, the planning cases waiting on planning tools)."""
+    if backend.supports_planning:
+        return cases, []
+    return [case for case in cases if not case.planning], [case for case in cases if case.planning]
+
+
 async def run_all(backend: Backend, cases: list[Case], concurrency: int = CONCURRENCY) -> list[Outcome]:
+    """Every case the backend can run (planning cases need planning tools)."""
+    cases, _ = runnable(backend, cases)
     gate = asyncio.Semaphore(concurrency)
 
     async def bounded(case: Case) -> Outcome:
@@ -366,12 +574,17 @@ def _default_secret() -> str:
 
 async def _main_async(args: argparse.Namespace, secret: str, cases: list[Case]) -> list[Outcome]:
     backend: Backend
-    if args.rest:
+    if args.memory:
+        backend = MemoryBackend(planning=not args.five_tools)
+    elif args.rest:
         backend = RestBackend(args.rest, secret)
     elif args.driver:
         backend = DriverBackend(args.driver, secret)
     else:
         backend = GrpcBackend(args.grpc[0], args.grpc[1], secret)
+    waiting = runnable(backend, cases)[1]
+    if waiting:
+        print(f"{len(waiting)} planning cases wait on the planning tools (not run): {[c.name for c in waiting]}")
     try:
         return await run_all(backend, cases, args.concurrency)
     finally:
@@ -385,13 +598,16 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--grpc", nargs=2, metavar=("TASK_ADDR", "AGENT_ADDR"))
     where.add_argument("--rest", metavar="BASE_URL")
     where.add_argument("--driver", metavar="TASK_ADDR")
+    where.add_argument("--memory", action="store_true", help="no services: in-memory tools (development loop)")
+    parser.add_argument("--five-tools", action="store_true", help="with --memory: offer only the five original tools")
     parser.add_argument("--secret", help="BETTER_AUTH_SECRET of the stack (to mint a token per user)")
-    parser.add_argument("--cases", type=Path, default=CASES_FILE)
+    parser.add_argument("--set", choices=("all", *CASE_SETS), default="all", help="which cases (default: all)")
+    parser.add_argument("--cases", type=Path, help="a case file or folder instead of --set")
     parser.add_argument("--only", help="run only cases whose name contains this")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
     parser.add_argument("--json", action="store_true", help="print the outcomes as JSON")
     args = parser.parse_args(argv)
-    cases = [case for case in load_cases(args.cases) if not args.only or args.only in case.name]
+    cases = [case for case in load_cases(args.cases, args.set) if not args.only or args.only in case.name]
     started = time.perf_counter()
     if args.local:
         secret = args.secret or "eval-secret-" + uuid.uuid4().hex
@@ -400,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         with local_stack(log_dir, secret) as (task_addr, agent_addr):
             args.grpc = (task_addr, agent_addr)
             outcomes = asyncio.run(_main_async(args, secret, cases))
+    elif args.memory:
+        outcomes = asyncio.run(_main_async(args, "", cases))
     else:
         outcomes = asyncio.run(_main_async(args, args.secret or _default_secret(), cases))
     if args.json:

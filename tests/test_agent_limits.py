@@ -1,0 +1,290 @@
+"""A chat turn's limits and what a failing model server leaves behind (issues 13 and 20).
+
+Real agent, task and conversation services as processes; the model is the scripted Chat
+Completions server over real HTTP (tests/chat_server.py), which refuses `"content": null`
+the way llama.cpp's server does.
+
+- Tool budget: at most AGENT_MAX_TOOL_CALLS_PER_STEP calls of one step and
+  AGENT_MAX_TOOL_CALLS_PER_TURN per turn run; the rest are tool errors; after the user's write
+  budget answers RESOURCE_EXHAUSTED, no further write is attempted in that turn.
+- Interop: a tool-calling turn works against a server that rejects null content; a request the
+  server calls invalid (400/422, or a 500 saying so) is not retried and is logged once with its
+  status and body; a turn whose model fails after a tool ran stores the tool calls and names
+  them in the error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests import chat_server as model
+from tests.chat_server import ChatServer
+from tests.support import ServiceProcess, free_port
+from tests.test_agent import ask, new_key, new_user, only_conversation, rpc_error, stored_messages, user_tasks
+from todo.v1 import agent_pb2_grpc, conversation_pb2_grpc, task_pb2_grpc
+
+PER_STEP = 20
+PER_TURN = 50
+WRITES_PER_MINUTE = 60
+
+
+class Limited:
+    """The stack of this module: small budgets so that the tests can reach them."""
+
+    def __init__(self, agent: agent_pb2_grpc.AgentServiceStub, tasks: Any, conversations: Any, log: Path) -> None:
+        self.agent, self.tasks, self.conversations, self.agent_log = agent, tasks, conversations, log
+
+
+@pytest.fixture(scope="module")
+def chat() -> Iterator[ChatServer]:
+    server = ChatServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def limited(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, chat: ChatServer) -> Iterator[Limited]:
+    state = tmp_path_factory.mktemp("limits")
+    env = {
+        **base_env,
+        "TASK_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
+        "CONVERSATION_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
+        "TASK_DATABASE_URL": f"sqlite+aiosqlite:///{state / 'tasks.db'}",
+        "CONVERSATION_DATABASE_URL": f"sqlite+aiosqlite:///{state / 'conversations.db'}",
+        "RATE_LIMIT_WRITES_PER_MINUTE": str(WRITES_PER_MINUTE),
+    }
+    agent_env = {
+        **env,
+        "AGENT_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
+        "AGENT_HTTP_PORT": str(free_port()),
+        "LLM_BASE_URL": chat.base_url,
+        "LLM_MODEL": "scripted-model",
+        "LLM_API_KEY": "test-key",
+        "LLM_MAX_RETRIES": "2",
+        "AGENT_MAX_STEPS": "5",
+        "AGENT_MAX_TOOL_CALLS_PER_STEP": str(PER_STEP),
+        "AGENT_MAX_TOOL_CALLS_PER_TURN": str(PER_TURN),
+    }
+    processes = [
+        ServiceProcess("task_service", env, env["TASK_SERVICE_ADDR"], state),
+        ServiceProcess("conversation_service", env, env["CONVERSATION_SERVICE_ADDR"], state),
+        ServiceProcess("agent_service", agent_env, agent_env["AGENT_SERVICE_ADDR"], state),
+    ]
+    for process in processes:
+        process.start(120)
+    channels = [grpc.insecure_channel(process.address) for process in processes]
+    yield Limited(
+        agent_pb2_grpc.AgentServiceStub(channels[2]),
+        task_pb2_grpc.TaskServiceStub(channels[0]),
+        conversation_pb2_grpc.ConversationServiceStub(channels[1]),
+        processes[2].log_path,
+    )
+    for opened in channels:
+        opened.close()
+    for process in processes:
+        process.stop()
+
+
+def adds(count: int, prefix: str) -> dict[str, Any]:
+    return model.tool_calls(*(model.call("add_task", {"title": f"{prefix} {n}"}) for n in range(count)))
+
+
+def errors(reply: Any) -> list[str]:
+    return [call.error for call in reply.tool_calls if call.HasField("error")]
+
+
+def log_records(path: Path, message: str) -> list[dict[str, Any]]:
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("msg") == message:
+            records.append(record)
+    return records
+
+
+# --- the tool budget ---------------------------------------------------------------------
+
+
+def test_one_step_runs_at_most_the_per_step_budget(limited: Limited, chat: ChatServer) -> None:
+    user, key = new_user(), new_key()
+    chat.script(key, adds(PER_STEP + 7, "item"), model.text("Added what I could."))
+
+    reply = ask(limited.agent, user, f"add lots [[{key}]]")
+
+    assert len(reply.tool_calls) == PER_STEP + 7
+    refused = errors(reply)
+    assert len(refused) == 7 and all(f"at most {PER_STEP} tool calls per step" in error for error in refused)
+    assert len(user_tasks(limited, user)) == PER_STEP
+    # The model is told what ran and that the rest did not (one refusal, naming how many more),
+    # so it can explain; its next request does not carry all the calls it asked for.
+    second = chat.received(key)[1].messages
+    tool_messages = [m for m in second if m["role"] == "tool"]
+    assert len(tool_messages) == PER_STEP + 1
+    assert "not run" in tool_messages[-1]["content"] and "6 more calls of this step" in tool_messages[-1]["content"]
+    echoed = next(m for m in second if m["role"] == "assistant" and m.get("tool_calls"))
+    assert len(echoed["tool_calls"]) == PER_STEP + 1
+
+
+def test_a_step_asking_for_a_thousand_calls_is_answered_and_stored_within_bounds(
+    limited: Limited, chat: ChatServer
+) -> None:
+    """The attack of issue 20: the turn is answered (not a 5xx, not a broken connection); what is
+    stored keeps within conversation_service's 100 tool calls; the rest are counted in the text."""
+    user, key = new_user(), new_key()
+    chat.script(key, adds(1000, "x"), model.text("Some of them."))
+
+    reply = ask(limited.agent, user, f"add a thousand [[{key}]]")
+
+    assert len(user_tasks(limited, user)) == PER_STEP
+    assert len(reply.tool_calls) == 40  # 20 ran, the first 20 refusals recorded
+    assert "960 more requested actions were not carried out" in reply.response
+    stored = stored_messages(limited, user, reply.conversation_id)
+    assert [m.role for m in stored] == ["user", "assistant"] and len(stored[1].tool_calls) == 40
+
+
+def test_a_turn_runs_at_most_the_per_turn_budget(limited: Limited, chat: ChatServer) -> None:
+    user, key = new_user(), new_key()
+    chat.script(key, adds(PER_STEP, "a"), adds(PER_STEP, "b"), adds(PER_STEP, "c"), model.text("Done."))
+
+    reply = ask(limited.agent, user, f"add them all [[{key}]]")
+
+    assert len(reply.tool_calls) == 3 * PER_STEP
+    assert len(errors(reply)) == 3 * PER_STEP - PER_TURN
+    assert all(f"at most {PER_TURN} tool calls per turn" in error for error in errors(reply))
+    assert len(user_tasks(limited, user)) == PER_TURN
+
+
+def test_after_the_write_budget_is_spent_no_further_write_is_attempted(limited: Limited, chat: ChatServer) -> None:
+    user, key = new_user(), new_key()
+    # Spend the user's budget (WRITES_PER_MINUTE) but for 3 writes, in turns within the tool budget.
+    for batch in range((WRITES_PER_MINUTE - 3) // PER_STEP + 1):
+        count = min(PER_STEP, WRITES_PER_MINUTE - 3 - batch * PER_STEP)
+        if count > 0:
+            chat.script(f"{key}{batch}", adds(count, f"spend{batch}"), model.text("ok"))
+            ask(limited.agent, user, f"spend [[{key}{batch}]]")
+    started = time.monotonic()
+    chat.script(key, adds(PER_STEP, "late"), adds(5, "later"), model.text("Some failed."))
+
+    reply = ask(limited.agent, user, f"add more [[{key}]]")
+
+    assert time.monotonic() - started < 30
+    refused = errors(reply)
+    created = [call for call in reply.tool_calls if not call.HasField("error")]
+    assert 3 <= len(created) <= 4  # the budget refills one write a second
+    rate_limited = [error for error in refused if "rate limit" in error.lower() or "too many" in error.lower()]
+    assert len(rate_limited) >= 1
+    # After the first refusal the remaining writes were not attempted: they say so, not "too many requests".
+    assert sum("not run: the user's write budget is spent" in error for error in refused) >= 5 + PER_STEP - 10
+    assert reply.response == "Some failed."
+
+
+# --- interop: what real model servers do ---------------------------------------------------
+
+
+def test_tool_turn_works_with_a_server_that_rejects_null_content(limited: Limited, chat: ChatServer) -> None:
+    user, key = new_user(), new_key()
+    chat.script(key, model.tool_calls(model.call("add_task", {"title": "Buy milk"})), model.text("Added."))
+
+    reply = ask(limited.agent, user, f"add buy milk [[{key}]]")
+
+    assert reply.response == "Added."
+    assert [task.title for task in user_tasks(limited, user)] == ["Buy milk"]
+    second = chat.received(key)[1].messages
+    assistant = next(m for m in second if m["role"] == "assistant" and m.get("tool_calls"))
+    assert assistant["content"] == ""
+    # and the next turn, whose history holds that tool call, works too
+    key2 = new_key()
+    chat.script(key2, model.text("You have one task."))
+    conversation_id = only_conversation(limited, user)
+    assert ask(limited.agent, user, f"what now [[{key2}]]", conversation_id=conversation_id).response
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [(400, "bad request"), (422, "unprocessable"), (500, "Input should be a valid string")],
+)
+def test_a_request_the_server_calls_invalid_is_not_retried_and_is_logged(
+    limited: Limited, chat: ChatServer, status: int, message: str
+) -> None:
+    user, key = new_user(), new_key()
+    chat.script(key, then=model.error(status, message=message))
+
+    error = rpc_error(lambda: ask(limited.agent, user, f"hi [[{key}]]"))
+
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert f"HTTP {status}" in error.details()
+    assert len(chat.received(key)) == 1
+    logged = [r for r in log_records(limited.agent_log, "model request failed") if message in r.get("body", "")]
+    assert len(logged) == 1
+    assert logged[0]["status"] == status and logged[0]["model"] == "scripted-model"
+    assert "hi [[" not in json.dumps(logged[0])  # no message contents in the log
+
+
+def test_a_server_error_is_retried_and_each_failure_logged(limited: Limited, chat: ChatServer) -> None:
+    user, key = new_user(), new_key()
+    chat.script(key, model.error(503, {"retry-after-ms": "10"}, message="overloaded"), model.text("Hello!"))
+
+    assert ask(limited.agent, user, f"hi [[{key}]]").response == "Hello!"
+    assert len(chat.received(key)) == 2
+    logged = [r for r in log_records(limited.agent_log, "model request failed") if "overloaded" in r.get("body", "")]
+    assert [r["status"] for r in logged] == [503]
+
+
+def test_a_turn_whose_model_fails_after_a_tool_ran_keeps_the_tool_calls(limited: Limited, chat: ChatServer) -> None:
+    user, key = new_user(), new_key()
+    message = f"add buy bread [[{key}]]"
+    chat.script(
+        key,
+        model.tool_calls(model.call("add_task", {"title": "Buy bread"})),
+        then=model.error(500, {"retry-after-ms": "10"}, message="backend crashed"),
+    )
+
+    error = rpc_error(lambda: ask(limited.agent, user, message, key=key))
+
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "some actions were carried out" in error.details()
+    assert "created task 1: Buy bread" in error.details()
+    conversation_id = only_conversation(limited, user)
+    stored = stored_messages(limited, user, conversation_id)
+    assert [m.role for m in stored] == ["user", "assistant"]
+    assert [call.name for call in stored[1].tool_calls] == ["add_task"]
+    assert "did not finish" in stored[1].content
+    # A retry with the same key replays what happened: the tool does not run twice.
+    replayed = ask(limited.agent, user, message, key=key)
+    assert [call.name for call in replayed.tool_calls] == ["add_task"]
+    assert [task.title for task in user_tasks(limited, user)] == ["Buy bread"]
+
+
+# --- idempotency keys are the user's -----------------------------------------------------
+
+
+def test_a_key_retried_with_another_conversation_replays_the_first_answer(limited: Limited, chat: ChatServer) -> None:
+    user, key = new_user(), new_key()
+    chat.script(key, model.tool_calls(model.call("add_task", {"title": "Pay rent"})), model.text("Added."))
+    message = f"add pay rent [[{key}]]"
+    first = ask(limited.agent, user, message, key=key)
+    other_key = new_key()
+    chat.script(other_key, model.text("Hi."))
+    other = ask(limited.agent, user, f"hello [[{other_key}]]")
+    assert other.conversation_id != first.conversation_id
+
+    again = ask(limited.agent, user, message, key=key, conversation_id=other.conversation_id)
+    without = ask(limited.agent, user, message, key=key)
+
+    for replayed in (again, without):
+        assert replayed.conversation_id == first.conversation_id
+        assert replayed.message_id == first.message_id
+        assert [call.name for call in replayed.tool_calls] == ["add_task"]
+    assert [task.title for task in user_tasks(limited, user)] == ["Pay rent"]
+    assert len(chat.received(key)) == 2  # the model ran for the first attempt only
+    assert [m.role for m in stored_messages(limited, user, other.conversation_id)] == ["user", "assistant"]
