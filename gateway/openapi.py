@@ -6,9 +6,13 @@ path parameters from the template, the rest of the request as query parameters (
 DELETE) or as the JSON body (`body: "*"`), responses in proto3 JSON with the transcoder's
 print options (snake_case names, default values printed, int32 as numbers, Timestamp as an
 RFC 3339 string, Struct as an object, Value as any JSON). Comments in the protos become
-descriptions; the input limits of API.md come from LIMITS below.
+descriptions; the input limits of API.md come from LIMITS below. The one `servers` entry is
+PUBLIC_BASE_URL (or --server-url), so the document names the gateway clients actually reach.
 
-    python -m gateway.openapi [--descriptor build/todo.pb] [--out build/openapi.json]
+`http_bindings` and PATH_PARAM are shared with gateway/envoy_config.py, which routes exactly the
+annotated RPCs and refuses path fields in query strings.
+
+    python -m gateway.openapi [--descriptor build/todo.pb] [--out build/openapi.json] [--server-url URL]
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any
 from google.api import annotations_pb2, field_behavior_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor_pb2 import FieldDescriptorProto as FieldProto
+
+from common.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTOR_SET = ROOT / "build" / "todo.pb"
@@ -232,6 +238,12 @@ class SchemaBuilder:
         return {"type": "array", "items": item} if _is_repeated(field) else item
 
 
+def load_descriptor_set(path: Path = DESCRIPTOR_SET) -> descriptor_pb2.FileDescriptorSet:
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run `make protos`")
+    return descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes())
+
+
 def _bindings(rule: http_pb2.HttpRule) -> Iterator[tuple[str, str, str]]:
     """(method, path template, body) for a rule and its additional bindings."""
     method = rule.WhichOneof("pattern")
@@ -239,6 +251,13 @@ def _bindings(rule: http_pb2.HttpRule) -> Iterator[tuple[str, str, str]]:
         yield method, getattr(rule, method), rule.body
     for extra in rule.additional_bindings:
         yield from _bindings(extra)
+
+
+def http_bindings(method: descriptor_pb2.MethodDescriptorProto) -> list[tuple[str, str, str]]:
+    """(HTTP method, path template, body) of each REST binding of `method`; [] for an internal RPC."""
+    if not method.options.HasExtension(annotations_pb2.http):
+        return []
+    return list(_bindings(method.options.Extensions[annotations_pb2.http]))
 
 
 PATH_PARAM = re.compile(r"\{([a-z0-9_.]+)(?:=[^}]*)?\}")
@@ -334,9 +353,8 @@ def build(descriptor_set: descriptor_pb2.FileDescriptorSet, server_url: str = "h
     builder = SchemaBuilder(descriptors)
     paths: dict[str, Schema] = {}
     for service, method, comment in descriptors.methods():
-        if not method.options.HasExtension(annotations_pb2.http):
-            continue  # internal RPCs (e.g. AppendMessage) are gRPC-only
-        for index, binding in enumerate(_bindings(method.options.Extensions[annotations_pb2.http])):
+        # Internal RPCs (e.g. AppendMessage) have no binding: gRPC-only, and not served by the gateway.
+        for index, binding in enumerate(http_bindings(method)):
             path = PATH_PARAM.sub(lambda match: "{" + match.group(1) + "}", binding[1])
             # operationIds are unique: additional bindings get their HTTP method as a suffix.
             operation_id = method.name if index == 0 else f"{method.name}{binding[0].capitalize()}"
@@ -376,10 +394,15 @@ def build(descriptor_set: descriptor_pb2.FileDescriptorSet, server_url: str = "h
     }
 
 
-def generate(descriptor_path: Path = DESCRIPTOR_SET, out: Path = OPENAPI_FILE) -> Path:
-    descriptor_set = descriptor_pb2.FileDescriptorSet.FromString(descriptor_path.read_bytes())
+def document_text(descriptor_set: descriptor_pb2.FileDescriptorSet, server_url: str) -> str:
+    return json.dumps(build(descriptor_set, server_url), indent=2) + "\n"
+
+
+def generate(descriptor_path: Path = DESCRIPTOR_SET, out: Path = OPENAPI_FILE, server_url: str | None = None) -> Path:
+    """Write the document; its server is `server_url`, by default PUBLIC_BASE_URL."""
+    server_url = server_url or Settings.load().public_base_url
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(build(descriptor_set), indent=2) + "\n")
+    out.write_text(document_text(load_descriptor_set(descriptor_path), server_url))
     return out
 
 
@@ -387,8 +410,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the OpenAPI document from the descriptor set.")
     parser.add_argument("--descriptor", type=Path, default=DESCRIPTOR_SET)
     parser.add_argument("--out", type=Path, default=OPENAPI_FILE)
+    parser.add_argument("--server-url", help="the gateway's public URL (default: PUBLIC_BASE_URL)")
     args = parser.parse_args(argv)
-    print(f"wrote {generate(args.descriptor, args.out)}")
+    print(f"wrote {generate(args.descriptor, args.out, args.server_url)}")
 
 
 if __name__ == "__main__":

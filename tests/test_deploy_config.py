@@ -34,7 +34,7 @@ def test_compose_has_the_whole_stack() -> None:
     assert {"postgres", "task_service", "conversation_service", "agent_service", "envoy"} <= set(SERVICES)
     assert SERVICES["envoy"]["image"] == "envoyproxy/envoy:v1.40.0"
     assert SERVICES["postgres"]["image"] == "postgres:16"
-    assert SERVICES["envoy"]["ports"] == ["${GATEWAY_PORT:-8080}:8080"]
+    assert SERVICES["envoy"]["ports"] == ["${GATEWAY_PUBLISH_ADDR:-127.0.0.1}:${GATEWAY_PORT:-8080}:8080"]
 
 
 def test_build_contexts_and_dockerfile_exist() -> None:

@@ -25,6 +25,7 @@ from tests.support import auth_metadata
 from todo.v1 import conversation_pb2, conversation_pb2_grpc, task_pb2, task_pb2_grpc
 
 TASK_KEYS = {"id", "title", "description", "completed", "created_at", "updated_at"}
+TASK_KEYS |= {"due_date", "due_time", "priority", "tags"}  # planning (completed_at: only when completed)
 ERROR_KEYS = {"code", "message", "details"}
 
 
@@ -50,7 +51,7 @@ def assert_timestamp(value: object) -> None:
 
 
 def assert_task(task: dict, **expected: object) -> None:
-    assert set(task) == TASK_KEYS, task
+    assert set(task) == TASK_KEYS | ({"completed_at"} if task["completed"] else set()), task
     assert type(task["id"]) is int and task["id"] >= 1
     assert type(task["completed"]) is bool
     assert isinstance(task["title"], str) and isinstance(task["description"], str)
@@ -313,7 +314,8 @@ def seed_conversation(gateway: Gateway, owner: str, title: str = "") -> int:
 
 
 def assert_conversation(conversation: dict, **expected: object) -> None:
-    assert set(conversation) == {"id", "title", "created_at", "updated_at"}, conversation
+    assert set(conversation) == {"id", "title", "created_at", "updated_at", "metadata"}, conversation
+    assert conversation["metadata"] == expected.pop("metadata", {})
     assert type(conversation["id"]) is int
     assert_timestamp(conversation["created_at"])
     assert_timestamp(conversation["updated_at"])
@@ -351,7 +353,8 @@ def test_list_messages_oldest_first_with_tool_calls(gateway: Gateway) -> None:
     body = reply.json()
     assert set(body) == {"messages", "next_page_token"} and body["next_page_token"] == ""
     first, second = body["messages"]
-    assert set(first) == {"id", "role", "content", "created_at", "tool_calls"}
+    assert set(first) == {"id", "conversation_id", "role", "content", "created_at", "tool_calls", "metadata"}
+    assert (first["conversation_id"], first["metadata"]) == (conversation_id, {})
     assert (first["id"], first["role"], first["content"], first["tool_calls"]) == (1, "user", "add milk", [])
     assert_timestamp(first["created_at"])
     assert (second["id"], second["role"]) == (2, "assistant")
@@ -361,6 +364,7 @@ def test_list_messages_oldest_first_with_tool_calls(gateway: Gateway) -> None:
         "arguments": {"title": "milk"},
         "result": {"task_id": 1, "status": "created", "title": "milk"},
     }
+    assert second["conversation_id"] == conversation_id
     assert failed == {"name": "complete_task", "arguments": {"task_id": 9}, "error": "task 9 not found"}
     page = gateway.call("GET", f"/api/{alice}/conversations/{conversation_id}/messages?page_size=1", user=alice)
     assert [m["id"] for m in page.json()["messages"]] == [1] and page.json()["next_page_token"]
@@ -419,7 +423,8 @@ def test_chat_replay_with_the_same_idempotency_key_runs_tools_once(gateway: Gate
     first = gateway.call("POST", f"/api/{alice}/chat", user=alice, body={"message": "add buy milk"}, headers=key)
     assert first.status == 200, first
     answer = first.json()
-    assert set(answer) == {"conversation_id", "response", "tool_calls"}
+    assert set(answer) == {"conversation_id", "response", "tool_calls", "message_id"}
+    assert type(answer["message_id"]) is int and answer["message_id"] > 0
     assert type(answer["conversation_id"]) is int and answer["tool_calls"][0]["name"] == "add_task"
     again = gateway.call("POST", f"/api/{alice}/chat", user=alice, body={"message": "add buy milk"}, headers=key)
     assert again.status == 200 and again.json() == answer
@@ -605,7 +610,9 @@ def test_openapi_covers_every_row_of_the_contract(openapi: dict) -> None:
 def test_openapi_schemas_match_the_json_shapes(openapi: dict) -> None:
     schemas = openapi["components"]["schemas"]
     task = schemas["Task"]
-    assert task["required"] == ["id", "title", "description", "completed", "created_at", "updated_at"]
+    planned = ["due_date", "due_time", "priority", "tags"]
+    assert task["required"] == ["id", "title", "description", "completed", "created_at", "updated_at", *planned]
+    assert "completed_at" in task["properties"]  # absent while pending: not required
     assert task["properties"]["id"] == {
         "type": "integer",
         "format": "int32",
@@ -631,7 +638,8 @@ def test_openapi_parameters_bodies_and_limits(openapi: dict) -> None:
     assert by_name["status"]["schema"]["enum"] == ["all", "pending", "completed"]
     assert by_name["page_token"]["in"] == "query"
     body = openapi["paths"]["/api/{user_id}/tasks"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert set(body["properties"]) == {"title", "description"} and body["required"] == ["title"]
+    planning = {"due_date", "due_time", "priority", "tags", "due"}
+    assert set(body["properties"]) == {"title", "description", *planning} and body["required"] == ["title"]
     assert body["properties"]["title"]["maxLength"] == 255 and body["properties"]["title"]["minLength"] == 1
     assert body["properties"]["description"]["maxLength"] == 4000
     chat = openapi["paths"]["/api/{user_id}/chat"]["post"]
