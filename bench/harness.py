@@ -67,6 +67,7 @@ def service_env(task_url: str, conversation_url: str, model_url: str, workdir: P
         # The per-user limits stay in the path (we measure their cost) but never refuse a benchmark call.
         "RATE_LIMIT_WRITES_PER_MINUTE": "1000000000",
         "RATE_LIMIT_CHAT_PER_MINUTE": "1000000000",
+        "RATE_LIMIT_READS_PER_MINUTE": "1000000000",
         # Envoy's per-route timeout (120 s) bounds a chat turn; our own limit is generous
         # so that a slow turn shows up as latency, not as an error we made up.
         "LLM_TIMEOUT_SECONDS": "120",
@@ -74,8 +75,9 @@ def service_env(task_url: str, conversation_url: str, model_url: str, workdir: P
 
 
 @contextlib.contextmanager
-def open_stack(backend: str, model_url: str, workdir: Path) -> Iterator[StackHandle]:
-    """scripts/stack.py's Stack on free ports, with fresh databases of `backend`."""
+def open_stack(backend: str, model_url: str, workdir: Path, replicas: int = 1) -> Iterator[StackHandle]:
+    """scripts/stack.py's Stack on free ports, with fresh databases of `backend`; `replicas`
+    processes of each service (replica k on each port + (k - 1) * 100)."""
     workdir.mkdir(parents=True, exist_ok=True)
     task_url, conversation_url = database_urls(backend, workdir)
     gateway_port = free_port()
@@ -85,15 +87,22 @@ def open_stack(backend: str, model_url: str, workdir: Path) -> Iterator[StackHan
         "CONVERSATION_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
         "AGENT_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
         "AGENT_HTTP_PORT": str(free_port()),
+        "TASK_METRICS_PORT": str(free_port()),
+        "CONVERSATION_METRICS_PORT": str(free_port()),
+        "AGENT_METRICS_PORT": str(free_port()),
+        "ENVOY_ADMIN_PORT": str(free_port()),
         "GATEWAY_PORT": str(gateway_port),
     }
-    stack = Stack(env, work_dir=workdir)
+    stack = Stack(env, work_dir=workdir, replicas=replicas)
+    each = f", {replicas} replicas each" if replicas > 1 else ""
     try:
         stack.start()
         yield StackHandle(
             gateway_url=stack.base_url,
             secret=env["BETTER_AUTH_SECRET"],
-            kind="scripts/stack.py Stack (" + ", ".join(f"{name}_service" for name in stack.services) + " + envoy)",
+            kind="scripts/stack.py Stack ("
+            + ", ".join(f"{name}_service" for name in stack.services)
+            + f"{each} + envoy)",
             services=[f"{name}_service" for name in stack.services],
             task_database_url=task_url,
             conversation_database_url=conversation_url,

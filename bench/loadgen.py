@@ -154,6 +154,15 @@ async def chat_add(client: Client) -> None:
     await chat_turn(client, f"Add a task to buy milk number {client.sent}", "add_task")
 
 
+FANOUT_CALLS = 1000  # tool calls the attacker's model asks for in one step
+
+
+async def chat_fanout(client: Client) -> None:
+    """The attack of issue 20: one message whose model step asks for a thousand tool calls. A
+    turn counts when it is answered with a 200 (its calls past the tool budget are tool errors)."""
+    _expect(await client.call("POST", "/chat", {"message": f"fanout {FANOUT_CALLS}"}))
+
+
 async def chat_list(client: Client) -> None:
     await chat_turn(client, "Show me all my tasks", "list_tasks")
 
@@ -194,6 +203,7 @@ async def seed_tasks(client: Client, count: int = LIST_SIZE) -> None:
 SCENARIOS: dict[str, Callable[[Client], Awaitable[None]]] = {
     "chat_add": chat_add,
     "chat_list": chat_list,
+    "chat_fanout": chat_fanout,
     "task_create": task_create,
     "task_get": task_get,
     "task_list": task_list,

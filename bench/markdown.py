@@ -191,6 +191,15 @@ def _chat_table(results: Results) -> str:
     return table(headers, rows)
 
 
+def _replicas_table(results: Results) -> str:
+    rows = [
+        (r["replicas"], r["clients"], r["count"], r["rate"], r["p50"], r["p99"], r["errors"], cpu_cell(r))
+        for r in results.replicas
+    ]
+    headers = ["replicas of each service", "users", "turns", "turns/s", "p50 ms", "p99 ms", "errors", "CPU ms/turn"]
+    return table(headers, rows)
+
+
 def _sessions_table(results: Results) -> str:
     rows = []
     for r in results.sessions:
@@ -247,6 +256,21 @@ def _errors(results: Results) -> str:
     return "\n".join(lines)
 
 
+def _fanout_table(results: Results) -> str:
+    row = results.fanout
+    quiet = "n/a" if row["quiet_p50"] is None else f"{row['quiet_p50']:.1f} / {row['quiet_p99']:.1f}"
+    lines = [
+        "| attackers (1 turn each, 1,000 tool calls asked) | attack turns ok / errors | attack turn p50 ms "
+        "| ordinary user's turns (errors) | their p50 / p99 ms under attack | quiet p50 / p99 ms |",
+        "|---|---|---|---|---|---|",
+        f"| {row['attackers']} | {row['attack_ok']} / {row['attack_errors']} | {row['attack_p50']:.0f} "
+        f"| {row['victim_turns']} ({row['victim_errors']}) | {row['victim_p50']:.1f} / {row['victim_p99']:.1f} | {quiet} |",
+    ]
+    if row["attack_error_samples"]:
+        lines.append(f"\nattack errors, e.g.: {row['attack_error_samples']}")
+    return "\n".join(lines)
+
+
 def render(
     results: Results,
     machine: dict[str, str],
@@ -290,6 +314,23 @@ def render(
         + (f"starts spread over {results.ramp_seconds:g} s)" if results.ramp_seconds else "all start at once)"),
         "",
         _sessions_table(results) if results.sessions else "not run",
+        "",
+        "## Replicas (add-task chat turns through Envoy, zero-latency model, PostgreSQL)",
+        "",
+        "The same load on one process of every service (the stack above) and on two (a fresh stack, "
+        "`scripts/stack.py` replicas, Envoy balancing over them). CPU per turn is summed over a service's "
+        "processes. On a machine with few cores more processes cannot add CPU: the difference is what "
+        "balancing and the extra processes cost or win.",
+        "",
+        _replicas_table(results) if results.replicas else "not run",
+        "",
+        "## The fan-out attack (issue 20): turns asking for 1,000 tool calls beside an ordinary user",
+        "",
+        "Every attacker's model asks for 1,000 add_task calls in one step; the agent runs at most "
+        "AGENT_MAX_TOOL_CALLS_PER_STEP (20) of a step and AGENT_MAX_TOOL_CALLS_PER_TURN (50) of a turn, "
+        "AGENT_TOOL_CONCURRENCY at a time. Meanwhile one ordinary user sends add-task turns one after another.",
+        "",
+        _fanout_table(results) if results.fanout else "not run",
         "",
         "## Single hops, sequentially (what a turn is made of)",
         "",

@@ -29,6 +29,8 @@ from typing import Any
 
 _ADD_PREFIX = re.compile(r"^\s*(please\s+)?(add|create|new)\s+(a\s+)?(task\s+)?(to\s+)?", re.IGNORECASE)
 _LIST_WORDS = re.compile(r"\b(list|show|what)\b", re.IGNORECASE)
+# "fanout N": one step asking for N add_task calls at once (the attack of issue 20).
+_FANOUT = re.compile(r"^fanout (\d+)")
 
 
 class Script:
@@ -39,17 +41,24 @@ class Script:
         self.completions = 0
         self.calls = 0
 
-    def answer(self, messages: list[dict[str, Any]]) -> tuple[str | None, dict[str, Any] | None]:
-        """(text, tool_call): exactly one of them is set."""
+    def answer(self, messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+        """(text, tool_calls): text, or one or more tool calls."""
         last = messages[-1] if messages else {}
         if last.get("role") == "tool":
-            return "Done.", None
+            return "Done.", []
         text = _text_of(last)
         self.calls += 1
+        fanout = _FANOUT.match(text)
+        if fanout:
+            arguments = json.dumps({"title": "x"})
+            return None, [
+                {"id": f"call_{self.calls}_{n}", "name": "add_task", "arguments": arguments}
+                for n in range(int(fanout.group(1)))
+            ]
         if _LIST_WORDS.search(text):
-            return None, {"id": f"call_{self.calls}", "name": "list_tasks", "arguments": '{"status": "all"}'}
+            return None, [{"id": f"call_{self.calls}", "name": "list_tasks", "arguments": '{"status": "all"}'}]
         title = _ADD_PREFIX.sub("", text).strip() or "Benchmark task"
-        return None, {"id": f"call_{self.calls}", "name": "add_task", "arguments": json.dumps({"title": title[:200]})}
+        return None, [{"id": f"call_{self.calls}", "name": "add_task", "arguments": json.dumps({"title": title[:200]})}]
 
 
 def _text_of(message: dict[str, Any]) -> str:
@@ -59,22 +68,22 @@ def _text_of(message: dict[str, Any]) -> str:
     return str(content)
 
 
-def completion_body(model: str, text: str | None, tool_call: dict[str, Any] | None) -> bytes:
+def completion_body(model: str, text: str | None, tool_calls: list[dict[str, Any]]) -> bytes:
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    if tool_call:
-        message["tool_calls"] = [_tool_call_json(tool_call)]
+    if tool_calls:
+        message["tool_calls"] = [_tool_call_json(call) for call in tool_calls]
     body = {
         "id": "chatcmpl-bench",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool_call else "stop"}],
+        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool_calls else "stop"}],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
     return json.dumps(body).encode()
 
 
-def stream_body(model: str, text: str | None, tool_call: dict[str, Any] | None) -> bytes:
+def stream_body(model: str, text: str | None, tool_calls: list[dict[str, Any]]) -> bytes:
     """The whole SSE stream at once: role chunk, content or tool call chunk, finish chunk, [DONE]."""
     created = int(time.time())
 
@@ -89,8 +98,9 @@ def stream_body(model: str, text: str | None, tool_call: dict[str, Any] | None) 
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
     parts = [chunk({"role": "assistant", "content": ""}, None)]
-    if tool_call:
-        parts.append(chunk({"tool_calls": [{"index": 0, **_tool_call_json(tool_call)}]}, None))
+    if tool_calls:
+        calls = [{"index": index, **_tool_call_json(call)} for index, call in enumerate(tool_calls)]
+        parts.append(chunk({"tool_calls": calls}, None))
         parts.append(chunk({}, "tool_calls"))
     else:
         parts.append(chunk({"content": text}, None))
@@ -145,11 +155,11 @@ class ModelServer:
         if self.script.delay_seconds:
             await asyncio.sleep(self.script.delay_seconds)
         self.script.completions += 1
-        text, tool_call = self.script.answer(request.get("messages", []))
+        text, tool_calls = self.script.answer(request.get("messages", []))
         model = request.get("model", "bench")
         if request.get("stream"):
-            return _response("200 OK", "text/event-stream", stream_body(model, text, tool_call))
-        return _response("200 OK", "application/json", completion_body(model, text, tool_call))
+            return _response("200 OK", "text/event-stream", stream_body(model, text, tool_calls))
+        return _response("200 OK", "application/json", completion_body(model, text, tool_calls))
 
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] | None:

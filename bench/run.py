@@ -4,8 +4,13 @@ Phases (each a fresh load-generator process, clients = users, keep-alive connect
 1. PostgreSQL stack: task REST (create, get, list 50, update, complete) at each client count,
    then pgbench's ceiling for the same create transaction on the same database;
    chat turns (add-task, list) against the zero-latency model, sequentially and concurrently;
-   many concurrent chat sessions against a 1 s-per-step model.
-2. SQLite stack: task REST again.
+   many concurrent chat sessions against a 1 s-per-step model;
+   the fan-out attack: users whose model asks for a thousand tool calls in one step, while one
+   ordinary user chats (their latency beside the quiet figure).
+2. Replicas: the same add-task chat load on that stack (one process of each service) and on a
+   fresh PostgreSQL stack with two processes of each behind Envoy (throughput and CPU per turn
+   side by side).
+3. SQLite stack: task REST again.
 RSS and sockets of every process are sampled throughout.
 """
 
@@ -17,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,9 +45,11 @@ class Sizes:
     sessions: tuple[int, ...]
     session_model_seconds: float
     profile_seconds: float
+    fanout_attackers: int = 30  # the attack of issue 20: a whole chat budget of fan-out turns
+    fanout_victim_turns: int = 20
 
 
-QUICK = Sizes((1, 4), 0.4, 10, (4,), 1.0, (20,), 1.0, 0)
+QUICK = Sizes((1, 4), 0.4, 10, (4,), 1.0, (20,), 1.0, 0, fanout_attackers=3, fanout_victim_turns=3)
 FULL = Sizes((1, 16, 64), 5.0, 200, (16, 64), 8.0, (1000, 5000), 1.0, 10)
 
 
@@ -53,6 +61,8 @@ class Results:
     ceilings: list[dict[str, Any]] = field(default_factory=list)
     chat: list[dict[str, Any]] = field(default_factory=list)
     sessions: list[dict[str, Any]] = field(default_factory=list)
+    fanout: dict[str, Any] = field(default_factory=dict)
+    replicas: list[dict[str, Any]] = field(default_factory=list)
     peaks: Peaks = field(default_factory=Peaks)
     stacks: list[str] = field(default_factory=list)
     profiles: list[str] = field(default_factory=list)
@@ -166,6 +176,38 @@ def chat_phases(results: Results, stack: StackHandle, model: ModelServer) -> Non
             results.chat.append(result)
 
 
+def fanout_phase(results: Results, stack: StackHandle, model: ModelServer) -> None:
+    """Attackers each send one turn whose model step asks for FANOUT_CALLS tool calls, all at
+    once, while one ordinary user sends add-task turns one after another: the tool budget
+    (AGENT_MAX_TOOL_CALLS_PER_STEP/_PER_TURN) must keep that user's latency near its quiet value
+    and the attackers' turns must end in answers, not 5xx."""
+    sizes = results.sizes
+    model.set_delay(0.0)
+    attack = job(stack, "chat_fanout", sizes.fanout_attackers, "pg-fanout-attack", requests_per_client=1, timeout=150)
+    victim = job(stack, "chat_add", 1, "pg-fanout-victim", requests_per_client=sizes.fanout_victim_turns)
+    log(f"fan-out: {sizes.fanout_attackers} attackers, one user's {sizes.fanout_victim_turns} turns beside them")
+    with ThreadPoolExecutor(1) as pool:
+        attacking = pool.submit(run_loadgen, attack)
+        time.sleep(0.5)  # the attack's turns are under way
+        under_attack = measure(results, victim)
+        attacked = attacking.result()
+    latencies = sorted(attacked.pop("latencies_ms"))
+    quiet = next((row for row in results.chat if row["turn"] == "add" and row["clients"] == 1), {})
+    results.fanout = {
+        "attackers": sizes.fanout_attackers,
+        "attack_ok": attacked["ok"],
+        "attack_errors": attacked["errors"],
+        "attack_error_samples": attacked["error_samples"][:2],
+        "attack_p50": report.percentile(latencies, 0.5),
+        "victim_turns": under_attack["count"],
+        "victim_errors": under_attack["errors"],
+        "victim_p50": under_attack["p50"],
+        "victim_p99": under_attack["p99"],
+        "quiet_p50": quiet.get("p50"),
+        "quiet_p99": quiet.get("p99"),
+    }
+
+
 def session_phases(results: Results, stack: StackHandle, model: ModelServer) -> None:
     sizes = results.sizes
     model.set_delay(sizes.session_model_seconds)
@@ -241,7 +283,28 @@ def profile_phase(results: Results, stack: StackHandle, out_dir: Path, summary_p
     results.profiles.append(f"py-spy summary: {summary_path} (raw profiles: {out_dir})")
 
 
-PHASES = ("tasks", "ceiling", "hops", "chat", "sessions", "sqlite")
+def replicas_phase(results: Results, single: StackHandle, model: ModelServer, workdir: Path) -> None:
+    """Add-task turns from the first concurrent user count on `single` (one process of each
+    service), then on a fresh stack with REPLICAS of each, warmed up the same way."""
+    sizes = results.sizes
+    clients = sizes.chat_clients[0]
+    model.set_delay(0.0)
+
+    def one_row(stack: StackHandle, replicas: int) -> None:
+        run_loadgen(job(stack, "chat_add", 2 * replicas, f"pg-rep{replicas}-warm", requests_per_client=5))
+        log(f"replicas: chat_add with {clients} users, {replicas} process(es) of each service")
+        result = measure(results, job(stack, "chat_add", clients, f"pg-rep{replicas}", duration=sizes.chat_seconds))
+        result.update(replicas=replicas, clients=clients)
+        results.replicas.append(result)
+
+    one_row(single, 1)
+    with open_stack("postgres", model.url, workdir / "replicas", replicas=REPLICAS) as stack:
+        results.stacks.append(f"replicas: {stack.kind}")
+        one_row(stack, REPLICAS)
+
+
+REPLICAS = 2
+PHASES = ("tasks", "ceiling", "hops", "chat", "fanout", "sessions", "replicas", "sqlite")
 
 
 @dataclass(frozen=True)
@@ -279,8 +342,12 @@ def run(options: Options) -> str:
                 results.notes.append("chat phases skipped: agent_service is not in this tree yet")
             elif "chat" in wanted:
                 chat_phases(results, stack, model)
+            if stack.has_chat and "fanout" in wanted:
+                fanout_phase(results, stack, model)
             if stack.has_chat and "sessions" in wanted:
                 session_phases(results, stack, model)
+            if stack.has_chat and "replicas" in wanted:
+                replicas_phase(results, stack, model, workdir)
             if stack.has_chat and options.profile:
                 profile_phase(results, stack, workdir / "profiles", options.out.parent / "PROFILE.md")
         if "sqlite" in wanted:

@@ -29,7 +29,13 @@ def test_quick_bench_completes_and_writes_the_tables(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-4000:]
     text = out.read_text()
     assert text in completed.stdout  # printed as well as written
-    for heading in ("## Targets", "## Chat turns", "## Task REST through Envoy", "## Database ceiling"):
+    for heading in (
+        "## Targets",
+        "## Chat turns",
+        "## The fan-out attack",
+        "## Task REST through Envoy",
+        "## Database ceiling",
+    ):
         assert heading in text
     assert "| target | goal | measured | status |" in text
     # Every task operation on both databases produced a row with a request rate.
@@ -37,4 +43,5 @@ def test_quick_bench_completes_and_writes_the_tables(tmp_path: Path) -> None:
         for operation in ("create", "get", "list", "update", "complete"):
             assert f"| {backend} | {operation} |" in text
     assert "python -m bench --quick" in text  # the exact command
+    assert "| 3 | 3 / 0 |" in text  # the fan-out attackers' turns were answered, none failed
     assert "- cores:" in text and "- postgresql:" in text
