@@ -1,1 +1,1 @@
-"""agent_service: AgentService.Chat over gRPC, and the five task tools over MCP."""
+"""agent_service: AgentService.Chat over gRPC, the tools over MCP, and ChatKit."""

@@ -1,4 +1,4 @@
-"""The five task tools over MCP streamable HTTP at /mcp, for any MCP client.
+"""The tools (agent_service/tools/) over MCP streamable HTTP at /mcp, for any MCP client.
 
 Built on the SDK's low-level `Server` so the schemas clients see are exactly tools.py's (the
 one definition shared with the chat agent), plus an optional `user_id` argument that the

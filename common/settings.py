@@ -124,7 +124,7 @@ class Settings:
         "Host headers the MCP endpoint accepts (comma-separated, `*` port wildcard).",
     )
     public_base_url: str = setting(
-        "PUBLIC_BASE_URL", "http://127.0.0.1:8080", "The gateway's public URL (MCP metadata)."
+        "PUBLIC_BASE_URL", "http://127.0.0.1:8080", "The gateway's public URL (MCP metadata, the OpenAPI servers URL)."
     )
 
     # The gateway.

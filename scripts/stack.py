@@ -297,8 +297,10 @@ class Stack:
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **env}
         self.settings = Settings.load(self.env)
         scheme = "https" if self.settings.gateway_tls_cert else "http"
-        # MCP metadata points clients at the gateway this stack actually runs.
+        # MCP metadata and the OpenAPI servers URL point clients at the gateway this stack runs
+        # (read again: the Envoy config is rendered from these settings).
         self.env.setdefault("PUBLIC_BASE_URL", f"{scheme}://127.0.0.1:{self.settings.gateway_port}")
+        self.settings = Settings.load(self.env)
         self.services = list(services) if services is not None else available_services()
         self.replicas = replicas
         self.work_dir = work_dir

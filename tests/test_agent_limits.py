@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from tests import chat_server as model
 from tests.chat_server import ChatServer
@@ -288,3 +290,31 @@ def test_a_key_retried_with_another_conversation_replays_the_first_answer(limite
     assert [task.title for task in user_tasks(limited, user)] == ["Pay rent"]
     assert len(chat.received(key)) == 2  # the model ran for the first attempt only
     assert [m.role for m in stored_messages(limited, user, other.conversation_id)] == ["user", "assistant"]
+
+
+# --- planning through a real model's tool call --------------------------------------------
+
+
+def test_a_model_passing_a_due_phrase_gets_the_absolute_date_back(limited: Limited, chat: ChatServer) -> None:
+    """The model passes the user's words (`due="next friday"`), never a date it worked out; the
+    tool result it reads back (and the user sees) names the day task_service understood."""
+    user, key = new_user(), new_key()
+    before = coming_friday()
+    chat.script(
+        key, model.tool_calls(model.call("add_task", {"title": "Pay rent", "due": "next friday"})), model.text("Added.")
+    )
+
+    reply = ask(limited.agent, user, f"pay rent by next friday [[{key}]]")
+
+    result = json_format.MessageToDict(reply.tool_calls[0].result)
+    assert result["due_date"] in {before, coming_friday()}  # the day may turn during the call
+    assert result["title"] == "Pay rent" and result["status"] == "created"
+    told = [m for m in chat.received(key)[1].messages if m["role"] == "tool"]
+    assert json.loads(told[0]["content"])["due_date"] == result["due_date"]
+    system = chat.received(key)[0].messages[0]["content"]
+    assert "in the user's timezone (UTC); today is 20" in system  # the model is told the user's date
+
+
+def coming_friday() -> str:
+    today = datetime.now(UTC).date()
+    return (today + timedelta(days=(4 - today.weekday()) % 7 or 7)).isoformat()

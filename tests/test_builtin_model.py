@@ -466,4 +466,4 @@ def test_eval_score(tmp_path_factory: pytest.TempPathFactory, database_url_facto
         outcomes = asyncio.run(run())
     report = run_eval.report(outcomes)
     print(report)
-    assert run_eval.score(outcomes) >= 0.95, report
+    assert run_eval.score(outcomes) >= 0.99, report
