@@ -46,6 +46,7 @@ from zoneinfo import ZoneInfo
 import grpc
 
 from agent_service import history, tools
+from agent_service.admission import Admission, Slot
 from agent_service.llm import ModelClient, ModelToolCall
 from agent_service.prompt import system_prompt
 from common import metrics, validation
@@ -159,6 +160,11 @@ class Agent:
         self._running: set[asyncio.Task[None]] = set()
         self._owners: set[int] = set()
         self._failed_keys = FailedKeys()
+        self._admission = Admission(
+            settings.agent_max_turns_in_progress,
+            settings.agent_max_turns_per_user,
+            settings.agent_admission_wait_seconds,
+        )
 
     async def turn(self, request: agent_pb2.ChatRequest, header_key: str) -> AsyncGenerator[Event, None]:
         """The events of one turn; errors before the first event are raised (plain gRPC statuses)."""
@@ -166,25 +172,34 @@ class Agent:
         authorized_user(request.user_id)
         text = validation.message_text(request.message)
         key = idempotency_key(header_key, request.idempotency_key)
-        if key:
-            # A key is the user's, whatever conversation it came with: a retry replays the first
-            # answer where that turn really happened, and never creates a conversation.
-            answered = await self._answer(caller, key)
-            if answered is not None:
-                await self._check_same_message(caller, key, text)
-                metrics.chat_turn("replayed")
-                for event in replay(answered):
-                    yield event
-                return
-        turn = Turn(caller, await self._conversation(request, caller, key), text, key)
-        # Stored first, so it is kept whatever fails next; a missing or foreign conversation is
-        # NOT_FOUND here, still a plain status. The same call brings the history window.
-        stored, timezone = await asyncio.gather(
-            self._append(turn, "user", turn.text, [], history_limit=self._window), self._timezone(caller)
-        )
-        stored = replace(stored, timezone=timezone)
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        self._start(self._run_bounded(turn, stored, events.put))
+        # A slot before any work (admission.py): refused at once when none is free soon.
+        slot = await self._admission.admit(caller.user_id)
+        handed_over = False
+        try:
+            if key:
+                # A key is the user's, whatever conversation it came with: a retry replays the first
+                # answer where that turn really happened, and never creates a conversation.
+                answered = await self._answer(caller, key)
+                if answered is not None:
+                    await self._check_same_message(caller, key, text)
+                    metrics.chat_turn("replayed")
+                    for event in replay(answered):
+                        yield event
+                    return
+            turn = Turn(caller, await self._conversation(request, caller, key), text, key)
+            # Stored first, so it is kept whatever fails next; a missing or foreign conversation is
+            # NOT_FOUND here, still a plain status. The same call brings the history window.
+            stored, timezone = await asyncio.gather(
+                self._append(turn, "user", turn.text, [], history_limit=self._window), self._timezone(caller)
+            )
+            stored = replace(stored, timezone=timezone)
+            events: asyncio.Queue[Event] = asyncio.Queue()
+            # From here the slot is the background work's: it is released when that ends.
+            self._start(self._run_bounded(turn, stored, events.put), slot)
+            handed_over = True
+        finally:
+            if not handed_over:  # answered from the key, or failed before the turn started
+                slot.release()
         while True:
             event = await events.get()
             yield event
@@ -197,10 +212,11 @@ class Agent:
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
 
-    def _start(self, work: Awaitable[None]) -> None:
+    def _start(self, work: Awaitable[None], slot: Slot) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
         self._running.add(task)  # a reference, so the task is not garbage-collected mid-turn
         task.add_done_callback(self._running.discard)
+        task.add_done_callback(lambda _: slot.release())
 
     async def _conversation(self, request: agent_pb2.ChatRequest, caller: Caller, key: str) -> int:
         metadata = caller_metadata(caller)

@@ -10,11 +10,17 @@ statements are off (`prepare_threshold=None`), no request sets a session paramet
 an advisory lock. Migrations do need a session (they hold an advisory lock while they run):
 they connect with `<SERVICE>_DATABASE_MIGRATION_URL` (a direct connection) when it is set.
 Query parameters of a URL (`sslmode=require`, `channel_binding`, `options`, ...) go to libpq.
+
+The hot path is cheap in round trips (bench/NOTES.md): on PostgreSQL a read or a write that is
+one statement runs on `single_statements(engine)`, in autocommit (no BEGIN/COMMIT round trips,
+no ROLLBACK when the connection goes back to the pool); a connection is pinged before use only
+when it has sat idle in the pool for a while (`PING_AFTER_IDLE_SECONDS`), not on every checkout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -26,6 +32,7 @@ from alembic.config import Config
 from sqlalchemy import Table, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from common import metrics
@@ -56,14 +63,54 @@ def create_engine(url: str, pool_size: int = 10) -> AsyncEngine:
         # writers never deadlock upgrading read locks (they queue on busy_timeout instead).
         event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,  # a restarted PostgreSQL costs one failed check, not a failed request
         pool_recycle=1800,
         connect_args=POSTGRES_CONNECT_ARGS,
     )
+    _ping_when_idle(engine)
+    return engine
+
+
+def single_statements(engine: AsyncEngine) -> AsyncEngine:
+    """The engine for work that is one statement (a read, or a write that is atomic on its own):
+    on PostgreSQL in autocommit, which saves the BEGIN and COMMIT/ROLLBACK round trips; SQLite's
+    engine as it is (its transactions are local and cheap). Same pool as `engine`."""
+    if is_sqlite(str(engine.url)):
+        return engine
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+# A connection idle in the pool for longer than this is checked (SELECT 1) before it is handed
+# out; a busy pool never pays for it. After a PostgreSQL restart, a connection used within this
+# window fails its request (as UNAVAILABLE) and SQLAlchemy then replaces every pooled
+# connection older than the failure, so the next requests get fresh ones.
+PING_AFTER_IDLE_SECONDS = 2.0
+
+
+def _ping_when_idle(engine: AsyncEngine) -> None:
+    """SQLAlchemy's pool_pre_ping pings on every checkout (a round trip per request); this is
+    its documented "pessimistic" recipe, limited to connections that have been idle a while."""
+    sync_engine = engine.sync_engine
+    dialect = sync_engine.dialect
+
+    @event.listens_for(sync_engine, "checkin")
+    def _idle_from(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(sync_engine, "checkout")
+    def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as error:
+            if dialect.is_disconnect(error, dbapi_connection, None):
+                raise DisconnectionError("the pooled connection is gone") from error  # the pool retries
+            raise
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -176,6 +176,9 @@ class _CallScope:
                     log.error("unhandled error in %s", self.method, exc_info=(exc_type, error, tb))  # type: ignore[arg-type]
                     mapped = (grpc.StatusCode.INTERNAL, "internal error")
                 self._log(mapped[0])
+                retry_after = getattr(error, "retry_after_seconds", None)
+                if retry_after:  # a refusal that says when to come back (agent admission)
+                    self.context.set_trailing_metadata((("retry-after", str(retry_after)),))
                 await self.context.abort(mapped[0], mapped[1])
             self._log(self.context.code() or grpc.StatusCode.OK)
             return False

@@ -116,6 +116,20 @@ class Settings:
     agent_tool_concurrency: int = setting(
         "AGENT_TOOL_CONCURRENCY", 4, "Tool calls of one step that run at the same time."
     )
+    agent_max_turns_in_progress: int = setting(
+        "AGENT_MAX_TURNS_IN_PROGRESS",
+        256,
+        "Chat turns one agent process runs at once (waiting on the model included); the gateway "
+        "answers 503 with Retry-After beyond this many per replica.",
+    )
+    agent_max_turns_per_user: int = setting(
+        "AGENT_MAX_TURNS_PER_USER", 4, "Chat turns of one user in progress at once; more are 429 with Retry-After."
+    )
+    agent_admission_wait_seconds: float = setting(
+        "AGENT_ADMISSION_WAIT_SECONDS",
+        0.05,
+        "How long a turn waits for a free slot when all are taken before it is refused (503, Retry-After).",
+    )
     agent_http_host: str = setting("AGENT_HTTP_HOST", "127.0.0.1", "Interface of the agent's HTTP server (MCP).")
     agent_http_port: int = setting("AGENT_HTTP_PORT", 8001, "Port of the agent's HTTP server (MCP at /mcp).")
     mcp_allowed_hosts: str = setting(

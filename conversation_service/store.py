@@ -1,16 +1,23 @@
-"""Every query on conversations and messages. Each one is scoped by the user id it is given."""
+"""Every query on conversations and messages. Each one is scoped by the user id it is given.
+
+Reads are single statements in autocommit (`common.db.single_statements`). On PostgreSQL an
+append is one statement (`_APPEND`: number, touch, title and insert) and one read of the
+history; only a keyed append whose key is already taken, or a missing conversation, goes the
+step-by-step way, which tells the two apart.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, delete, insert, or_, select, update
+from sqlalchemy import and_, case, delete, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.db import next_number, utc
+from common.db import is_sqlite, next_number, single_statements, utc
 from conversation_service.models import conversation_counters, conversations, messages
 
 ROLES = ("user", "assistant")
@@ -100,9 +107,43 @@ def _in_conversation(user_id: str, conversation_id: int) -> Any:
     return and_(messages.c.user_id == user_id, messages.c.conversation_id == conversation_id)
 
 
+# PostgreSQL's append in one statement: bump the conversation's message number (row-locking
+# it until the statement commits), touch updated_at, title an untitled conversation, insert
+# the message with that number. Nothing happens (no row back) when the conversation is not the
+# user's or the message's key is already taken; `_append` then finds out which. Two appends
+# with one new key racing each other: the loser's insert breaks the unique key (IntegrityError),
+# as in the step-by-step path.
+_APPEND = text(
+    """
+WITH numbered AS (
+    UPDATE conversations
+    SET last_message_id = last_message_id + 1,
+        updated_at = :now,
+        title = CASE WHEN title = '' THEN CAST(:title AS varchar) ELSE title END
+    WHERE user_id = :user_id AND id = :conversation_id
+      AND NOT EXISTS (
+          SELECT 1 FROM messages
+          WHERE user_id = :user_id
+            AND (request_id = CAST(:request_id AS varchar) OR client_key = CAST(:client_key AS varchar))
+      )
+    RETURNING last_message_id
+), inserted AS (
+    INSERT INTO messages (user_id, conversation_id, id, role, content, tool_calls, request_id,
+                          created_at, metadata, client_key)
+    SELECT :user_id, :conversation_id, last_message_id, :role, :content, CAST(:tool_calls AS json),
+           :request_id, :now, CAST(:metadata AS json), :client_key
+    FROM numbered
+)
+SELECT last_message_id FROM numbered
+"""
+)
+
+
 class ConversationStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._single = single_statements(engine)
+        self._one_statement_append = not is_sqlite(str(engine.url))
 
     # Conversations.
 
@@ -132,7 +173,7 @@ class ConversationStore:
         return row
 
     async def get(self, user_id: str, conversation_id: int) -> ConversationRow | None:
-        async with self._engine.connect() as conn:
+        async with self._single.connect() as conn:
             row = await self._get(conn, user_id, conversation_id)
         return row
 
@@ -155,7 +196,7 @@ class ConversationStore:
                 )
             )
         query = query.order_by(conversations.c.updated_at.desc(), conversations.c.id.desc()).limit(limit)
-        async with self._engine.connect() as conn:
+        async with self._single.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [_conversation(row) for row in rows]
 
@@ -199,6 +240,41 @@ class ConversationStore:
             return await self._append(user_id, conversation_id, new, history_limit)
 
     async def _append(self, user_id: str, conversation_id: int, new: NewMessage, history_limit: int) -> Appended | None:
+        if self._one_statement_append:
+            appended = await self._append_in_one_statement(user_id, conversation_id, new, history_limit)
+            if appended is not None:
+                return appended
+        return await self._append_step_by_step(user_id, conversation_id, new, history_limit)
+
+    async def _append_in_one_statement(
+        self, user_id: str, conversation_id: int, new: NewMessage, history_limit: int
+    ) -> Appended | None:
+        """The new message appended, or None when the step-by-step way must decide (see _APPEND)."""
+        now = datetime.now(UTC)
+        params = {
+            "user_id": user_id,
+            "conversation_id": conversation_id,
+            "now": now,
+            "title": new.title_if_untitled or "",
+            "role": new.role,
+            "content": new.content,
+            "tool_calls": json.dumps(new.tool_calls),
+            "metadata": json.dumps(new.metadata),
+            "request_id": new.request_id or None,
+            "client_key": new.client_key or None,
+        }
+        async with self._single.connect() as conn:
+            number = (await conn.execute(_APPEND, params)).scalar_one_or_none()
+            if number is None:
+                return None
+            # Read after the append committed: every message numbered before it is visible.
+            history = await self._before(conn, user_id, conversation_id, number, history_limit)
+        row = MessageRow(number, new.role, new.content, new.tool_calls, now, conversation_id, new.metadata)
+        return Appended(row, True, history)
+
+    async def _append_step_by_step(
+        self, user_id: str, conversation_id: int, new: NewMessage, history_limit: int
+    ) -> Appended | None:
         async with self._engine.connect() as conn, conn.begin() as transaction:
             number = await self._next_message_number(conn, user_id, conversation_id, new)
             if number is None:
@@ -272,7 +348,7 @@ class ConversationStore:
         """(whether the conversation exists, the message appended with request_id). Conversation
         0 means any of the user's conversations (request ids are unique per user)."""
         conditions = [messages.c.user_id == user_id, messages.c.request_id == request_id]
-        async with self._engine.connect() as conn:
+        async with self._single.connect() as conn:
             if conversation_id:
                 if await self._get(conn, user_id, conversation_id) is None:
                     return False, None
@@ -281,7 +357,7 @@ class ConversationStore:
 
     async def message(self, user_id: str, conversation_id: int, message_id: int) -> tuple[bool, MessageRow | None]:
         """(whether the conversation exists, its message number `message_id`)."""
-        async with self._engine.connect() as conn:
+        async with self._single.connect() as conn:
             if await self._get(conn, user_id, conversation_id) is None:
                 return False, None
             return True, await self._first_message(
@@ -298,7 +374,7 @@ class ConversationStore:
             .order_by(messages.c.id)
             .limit(limit)
         )
-        async with self._engine.connect() as conn:
+        async with self._single.connect() as conn:
             if await self._get(conn, user_id, conversation_id) is None:
                 return None
             rows = (await conn.execute(query)).all()
@@ -312,7 +388,7 @@ class ConversationStore:
             .order_by(messages.c.id.desc())
             .limit(limit)
         )
-        async with self._engine.connect() as conn:
+        async with self._single.connect() as conn:
             if await self._get(conn, user_id, conversation_id) is None:
                 return None
             rows = (await conn.execute(query)).all()
@@ -336,6 +412,6 @@ class ConversationStore:
                 )
             )
         order = (messages.c.created_at.desc(), messages.c.conversation_id.desc(), messages.c.id.desc())
-        async with self._engine.connect() as conn:
+        async with self._single.connect() as conn:
             rows = (await conn.execute(query.order_by(*order).limit(limit))).all()
         return [_message(row) for row in rows]

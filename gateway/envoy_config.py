@@ -232,8 +232,17 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _cluster(name: str, host: str, port: int, *, grpc: bool, more: Sequence[tuple[str, int]] = ()) -> dict[str, Any]:
-    """An upstream cluster of host:port and the `more` hosts (replicas of one service)."""
+def _cluster(
+    name: str,
+    host: str,
+    port: int,
+    *,
+    grpc: bool,
+    more: Sequence[tuple[str, int]] = (),
+    max_requests: int = UPSTREAM_MAX_REQUESTS,
+) -> dict[str, Any]:
+    """An upstream cluster of host:port and the `more` hosts (replicas of one service), with at
+    most `max_requests` in flight (more are answered 503 at once: `_overflow_reply`)."""
     hosts = [(host, port), *more]
     lb_endpoints = [{"endpoint": {"address": {"socket_address": {"address": h, "port_value": p}}}} for h, p in hosts]
     cluster: dict[str, Any] = {
@@ -251,8 +260,8 @@ def _cluster(name: str, host: str, port: int, *, grpc: bool, more: Sequence[tupl
         "thresholds": [
             {
                 "max_connections": UPSTREAM_MAX_REQUESTS,
-                "max_pending_requests": UPSTREAM_MAX_REQUESTS,
-                "max_requests": UPSTREAM_MAX_REQUESTS,
+                "max_pending_requests": max_requests,
+                "max_requests": max_requests,
                 "max_retries": 3,
             }
         ]
@@ -322,7 +331,13 @@ def _clusters(settings: Settings, upstreams: Mapping[str, Sequence[str]] | None 
 
     def cluster(cluster_name: str, service: str, default: tuple[str, int], grpc: bool) -> dict[str, Any]:
         (host, port), *more = [_host_port(address) for address in upstreams.get(service, ())] or [default]
-        return {**_cluster(cluster_name, host, port, grpc=grpc, more=more), "outlier_detection": OUTLIER_DETECTION}
+        limit = UPSTREAM_MAX_REQUESTS
+        if service == "agent":
+            # Chat turns beyond what the agent processes admit are refused here, in microseconds,
+            # instead of by each agent (agent_service/admission.py, the second line).
+            limit = max(1, settings.agent_max_turns_in_progress) * (1 + len(more))
+        cluster = _cluster(cluster_name, host, port, grpc=grpc, more=more, max_requests=limit)
+        return {**cluster, "outlier_detection": OUTLIER_DETECTION}
 
     clusters = [
         cluster(cluster_name, service, _host_port(getattr(settings, field_name)), grpc=True)
@@ -617,7 +632,26 @@ def _local_reply_config() -> dict[str, Any]:
         }
         for status, code in LOCAL_REPLY_CODES.items()
     ]
-    return {"mappers": [*readyz, _early_rejection(), *errors]}
+    return {"mappers": [*readyz, _early_rejection(), _overflow_reply(), *errors]}
+
+
+def _overflow_reply() -> dict[str, Any]:
+    """A request refused by a cluster's circuit breaker (response flag UO: as many chat turns
+    in flight as the agents admit): 503 with Retry-After, so clients back off and come back."""
+    return {
+        "filter": {"response_flag_filter": {"flags": ["UO"]}},
+        "headers_to_add": [
+            {"header": {"key": "retry-after", "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        ],
+        "body_format_override": {
+            "json_format": {
+                "code": 14,
+                "message": "the service is busy right now; try again in a moment",
+                "details": [],
+            },
+            "content_type": "application/json",
+        },
+    }
 
 
 def _early_rejection() -> dict[str, Any]:

@@ -88,8 +88,8 @@ async def record(
             task_id=event.task_id,
             action=action,
             source=source,
-            before=_dump(before),
-            after=_dump(after),
+            before=snapshot(before),
+            after=snapshot(after),
             undone=False,
             reverts=reverts,
             created_at=event.created_at,
@@ -151,7 +151,7 @@ def _event(row: Any) -> Event:
 # Snapshots: the task as JSON, every field, so that a deleted task can be restored whole.
 
 
-def _dump(task: TaskRow | None) -> str | None:
+def snapshot(task: TaskRow | None) -> str | None:
     if task is None:
         return None
     fields = {
