@@ -15,8 +15,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
-
+from common import structs
 from todo.v1 import conversation_pb2
 
 
@@ -62,7 +61,7 @@ def stored_message(stored: conversation_pb2.Message) -> list[dict[str, Any]]:
 
 
 def arguments_of(call: conversation_pb2.ToolCall) -> dict[str, Any]:
-    return plain(json_format.MessageToDict(call.arguments))  # type: ignore[no-any-return]
+    return structs.from_struct(call.arguments)
 
 
 def outcome_of(call: conversation_pb2.ToolCall) -> Any:
@@ -71,7 +70,7 @@ def outcome_of(call: conversation_pb2.ToolCall) -> Any:
         return {"error": call.error}
     if not call.HasField("result"):
         return None
-    return plain(json_format.MessageToDict(call.result))
+    return structs.from_value(call.result)
 
 
 def tool_call(
@@ -79,11 +78,11 @@ def tool_call(
 ) -> conversation_pb2.ToolCall:
     """A ToolCall proto: the arguments the model sent and the result or error it got back."""
     call = conversation_pb2.ToolCall(name=name)
-    call.arguments.CopyFrom(json_format.ParseDict(_json_safe(arguments), struct_pb2.Struct()))
+    structs.set_struct(call.arguments, _json_safe(arguments))
     if error is not None:
         call.error = error
     else:
-        call.result.CopyFrom(json_format.ParseDict(_json_safe(result), struct_pb2.Value()))
+        call.result.CopyFrom(structs.to_value(_json_safe(result)))
     return call
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import empty_pb2, json_format, struct_pb2
+from google.protobuf import empty_pb2, struct_pb2
 from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from common import db, validation
+from common import db, structs, validation
 from common.auth import authorized_user
 from common.errors import InvalidArgument, NotFound
 from common.pagination import MAX_PAGE_SIZE, PageTokens, page_size
@@ -58,7 +58,7 @@ def _timestamp(moment: datetime) -> Timestamp:
 
 def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
     # Always set, so the transcoder prints an empty object as {} instead of leaving it out.
-    return json_format.ParseDict(data, struct_pb2.Struct())
+    return structs.to_struct(data)
 
 
 def conversation_message(row: ConversationRow) -> conversation_pb2.Conversation:
@@ -87,9 +87,9 @@ def tool_call_message(item: dict[str, Any]) -> conversation_pb2.ToolCall:
     call = conversation_pb2.ToolCall(name=item["name"])
     # Only the parts that were sent are set, so a call reads back exactly as it was appended.
     if "arguments" in item:
-        json_format.ParseDict(item["arguments"], call.arguments)
+        structs.set_struct(call.arguments, item["arguments"])
     if "result" in item:
-        json_format.ParseDict(item["result"], call.result)
+        call.result.CopyFrom(structs.to_value(item["result"]))
     if "error" in item:
         call.error = item["error"]
     return call
@@ -119,8 +119,10 @@ def newest_within_reply(rows: Sequence[MessageRow]) -> list[conversation_pb2.Mes
 
 def _json_data(message: Any, field: str) -> Any:
     try:
-        return json_format.MessageToDict(message)
-    except (ValueError, json_format.Error) as error:  # NaN or infinity has no JSON form
+        if isinstance(message, struct_pb2.Struct):
+            return structs.from_struct(message)
+        return structs.from_value(message)
+    except ValueError as error:  # NaN or infinity has no JSON form
         raise InvalidArgument(f"{field} must hold only JSON values: {error}") from error
 
 
