@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.chat_server import ChatServer
 from tests.support import (
     SECRET,
     ServiceProcess,
@@ -79,3 +80,11 @@ def task_service(
     env = {**base_env, "TASK_SERVICE_ADDR": address, "TASK_DATABASE_URL": database_url_factory(request.param, "tasks")}
     with running("task_service", env, address, log_dir) as service:
         yield service
+
+
+@pytest.fixture(scope="module")
+def chat() -> Iterator[ChatServer]:
+    """The scripted Chat Completions server (tests/chat_server.py), one per test module."""
+    server = ChatServer().start()
+    yield server
+    server.stop()

@@ -32,13 +32,6 @@ SLOW_SECONDS = 3.0  # the scripted model's time for a held turn: long enough to 
 
 
 @pytest.fixture(scope="module")
-def chat() -> Iterator[ChatServer]:
-    server = ChatServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory, database_url_factory: Callable[[str, str], str], chat: ChatServer
 ) -> Iterator[Gateway]:

@@ -54,13 +54,6 @@ class Stack:
     orphan: agent_pb2_grpc.AgentServiceStub | None = None
 
 
-@pytest.fixture(scope="module")
-def chat() -> Iterator[ChatServer]:
-    server = ChatServer().start()
-    yield server
-    server.stop()
-
-
 def _agent_env(env: dict[str, str], chat: ChatServer, **overrides: str) -> dict[str, str]:
     return {
         **env,

@@ -47,13 +47,6 @@ class Limited:
         self.agent, self.tasks, self.conversations, self.agent_log = agent, tasks, conversations, log
 
 
-@pytest.fixture(scope="module")
-def chat() -> Iterator[ChatServer]:
-    server = ChatServer().start()
-    yield server
-    server.stop()
-
-
 @contextmanager
 def limited_stack(base_env: dict[str, str], state: Path, chat: ChatServer, writes_per_minute: int) -> Iterator[Limited]:
     env = {

@@ -25,13 +25,6 @@ MAX_STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def chat() -> Iterator[ChatServer]:
-    server = ChatServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory, database_url_factory: Callable[[str, str], str], chat: ChatServer
 ) -> Iterator[Gateway]:

@@ -31,13 +31,6 @@ ERROR_KEYS = {"code", "message", "details"}
 METADATA_MAX = 8192
 
 
-@pytest.fixture(scope="module")
-def chat() -> Iterator[ChatServer]:
-    server = ChatServer().start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def gateway(
     request: pytest.FixtureRequest,

@@ -45,13 +45,6 @@ def gateway(
 
 
 @pytest.fixture(scope="module")
-def chat() -> Iterator[ChatServer]:
-    server = ChatServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def scripted_gateway(
     tmp_path_factory: pytest.TempPathFactory, database_url_factory: Callable[[str, str], str], chat: ChatServer
 ) -> Iterator[Gateway]:
