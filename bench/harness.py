@@ -1,22 +1,30 @@
 """The stack under test, its databases, the model server and the load generator, as processes.
 
 `open_stack(...)` runs the project's own `scripts/stack.py` Stack (every service that exists +
-Envoy) on free ports, with fresh databases, pointed at the benchmark's model server.
+Envoy) on free ports, with fresh databases, pointed at the benchmark's model server;
+`open_stacks(...)` starts several side by side. `OtlpReceiver` is bench/otlp_receiver.py, the
+collector the tracing phase points OTEL_EXPORTER_OTLP_ENDPOINT at.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime as dt
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +47,7 @@ class StackHandle:
     log_dir: Path
     task_addr: str
     conversation_addr: str
+    pids: list[int] = field(default_factory=list)  # every process of the stack (services, Envoy)
 
     @property
     def has_chat(self) -> bool:
@@ -74,24 +83,55 @@ def service_env(task_url: str, conversation_url: str, model_url: str, workdir: P
     }
 
 
+# The ports a stack listens on (replica 1; scripts/stack.py shifts the others).
+PORT_SETTINGS = (
+    "TASK_SERVICE_ADDR",
+    "CONVERSATION_SERVICE_ADDR",
+    "AGENT_SERVICE_ADDR",
+    "AGENT_HTTP_PORT",
+    "TASK_METRICS_PORT",
+    "CONVERSATION_METRICS_PORT",
+    "AGENT_METRICS_PORT",
+    "ENVOY_ADMIN_PORT",
+    "GATEWAY_PORT",
+)
+
+
+def port_settings(ports: Sequence[int]) -> dict[str, str]:
+    return {
+        name: f"127.0.0.1:{port}" if name.endswith("_ADDR") else str(port)
+        for name, port in zip(PORT_SETTINGS, ports, strict=True)
+    }
+
+
+def reserve_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all held open until all are chosen, so none repeats (stacks
+    started side by side would otherwise be handed each other's not-yet-bound ports)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 @contextlib.contextmanager
-def open_stack(backend: str, model_url: str, workdir: Path, replicas: int = 1) -> Iterator[StackHandle]:
+def open_stack(
+    backend: str,
+    model_url: str,
+    workdir: Path,
+    replicas: int = 1,
+    extra_env: Mapping[str, str] | None = None,
+) -> Iterator[StackHandle]:
     """scripts/stack.py's Stack on free ports, with fresh databases of `backend`; `replicas`
-    processes of each service (replica k on each port + (k - 1) * 100)."""
+    processes of each service (replica k on each port + (k - 1) * 100); `extra_env` on top of
+    the benchmark's settings (e.g. metrics ports of 0, an OTLP endpoint, or ports chosen by
+    `reserve_ports`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     task_url, conversation_url = database_urls(backend, workdir)
-    gateway_port = free_port()
     env = {
         **service_env(task_url, conversation_url, model_url, workdir),
-        "TASK_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
-        "CONVERSATION_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
-        "AGENT_SERVICE_ADDR": f"127.0.0.1:{free_port()}",
-        "AGENT_HTTP_PORT": str(free_port()),
-        "TASK_METRICS_PORT": str(free_port()),
-        "CONVERSATION_METRICS_PORT": str(free_port()),
-        "AGENT_METRICS_PORT": str(free_port()),
-        "ENVOY_ADMIN_PORT": str(free_port()),
-        "GATEWAY_PORT": str(gateway_port),
+        **port_settings([free_port() for _ in PORT_SETTINGS]),
+        **(extra_env or {}),
     }
     stack = Stack(env, work_dir=workdir, replicas=replicas)
     each = f", {replicas} replicas each" if replicas > 1 else ""
@@ -109,6 +149,7 @@ def open_stack(backend: str, model_url: str, workdir: Path, replicas: int = 1) -
             log_dir=workdir / "logs",
             task_addr=stack.settings.task_service_addr,
             conversation_addr=stack.settings.conversation_service_addr,
+            pids=stack.pids(),
         )
     finally:
         stack.stop()
@@ -116,6 +157,38 @@ def open_stack(backend: str, model_url: str, workdir: Path, replicas: int = 1) -
             if url.startswith("postgresql"):
                 with contextlib.suppress(Exception):
                     drop_postgres_database(url)
+
+
+@contextlib.contextmanager
+def open_stacks(
+    backend: str, model_url: str, stacks: Sequence[tuple[Path, Mapping[str, str]]]
+) -> Iterator[list[StackHandle]]:
+    """Several stacks (each: its folder and extra settings), started side by side on distinct
+    ports; all stopped when the block ends (or when one of them fails to start)."""
+    ports = reserve_ports(len(PORT_SETTINGS) * len(stacks))
+    managers = [
+        open_stack(
+            backend,
+            model_url,
+            workdir,
+            extra_env={**port_settings(ports[n * len(PORT_SETTINGS) : (n + 1) * len(PORT_SETTINGS)]), **env},
+        )
+        for n, (workdir, env) in enumerate(stacks)
+    ]
+    # The pool's threads must outlive the stacks: a child's PR_SET_PDEATHSIG fires when the
+    # *thread* that started it ends, which would stop a stack as soon as its starter returned.
+    with ThreadPoolExecutor(len(managers)) as pool, contextlib.ExitStack() as started:
+        entering = [pool.submit(manager.__enter__) for manager in managers]
+        handles, failure = [], None
+        for manager, future in zip(managers, entering, strict=True):
+            try:
+                handles.append(future.result())
+                started.push(manager.__exit__)
+            except BaseException as error:  # the others still get stopped, then this is raised
+                failure = failure or error
+        if failure is not None:
+            raise failure
+        yield handles
 
 
 def _die_with_parent() -> None:
@@ -165,6 +238,89 @@ class ModelServer:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+
+
+class OtlpReceiver:
+    """bench/otlp_receiver.py as a separate process: an OTLP/gRPC collector that only counts."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_path = log_dir / "otlp_receiver.log"
+        self.process: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def start(self) -> OtlpReceiver:
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "bench.otlp_receiver", "--port", "0"],
+            cwd=ROOT,
+            preexec_fn=_die_with_parent,
+            stdout=subprocess.PIPE,
+            stderr=self.log_path.open("ab"),
+            text=True,
+        )
+        line = self._line()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"OTLP receiver did not start: {line!r}")
+        self.port = int(line.split()[1])
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """What it received so far: exports, spans and server spans per service.name."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGUSR1)
+        counts: dict[str, dict[str, int]] = json.loads(self._line())
+        return counts
+
+    def stop(self) -> dict[str, dict[str, int]]:
+        """Stop it; its final counts."""
+        if self.process is None or self.process.poll() is not None:
+            return {}
+        self.process.terminate()
+        counts: dict[str, dict[str, int]] = json.loads(self._line() or "{}")
+        self.process.wait(10)
+        return counts
+
+    def _line(self, timeout: float = 30) -> str:
+        assert self.process is not None and self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            raise RuntimeError(f"OTLP receiver did not answer within {timeout}s (log: {self.log_path})")
+        return self.process.stdout.readline()
+
+
+def envoy_outcomes(log_path: Path, path_prefix: str, expected: int, wait_seconds: float = 5.0) -> dict[str, Any]:
+    """The gateway's own account of the requests whose path starts with `path_prefix`, from
+    Envoy's JSON access log: how many per "status flags" (flag UO: refused by the upstream
+    cluster's circuit breaker) and over how long Envoy took them up (its START_TIME). Waits up to
+    `wait_seconds` for Envoy to flush `expected` lines."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        rows = []
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        for line in text.splitlines():
+            start = line.find("{")
+            if start < 0 or path_prefix not in line:
+                continue
+            with contextlib.suppress(ValueError, KeyError):
+                entry = json.loads(line[start:])
+                if str(entry.get("path", "")).startswith(path_prefix):
+                    rows.append(entry)
+        if len(rows) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    outcomes = Counter(f"{entry.get('status')} {entry.get('flags')}" for entry in rows)
+    starts = []
+    for entry in rows:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            starts.append(dt.datetime.fromisoformat(str(entry["ts"]).replace("Z", "+00:00")).timestamp())
+    return {
+        "logged": len(rows),
+        "outcomes": dict(outcomes.most_common()),
+        "take_up_spread_ms": (max(starts) - min(starts)) * 1000 if starts else 0.0,
+    }
 
 
 def run_loadgen(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:

@@ -9,8 +9,16 @@ When either is high, the latencies it measured include its own queueing, and the
 (`self_bottleneck`).
 
 Job fields: base_url, secret, scenario (see SCENARIOS), concurrency, duration (s) and/or
-requests_per_client, user_prefix, timeout (s per request), ramp_seconds (start the clients
-spread over this long instead of all at once), max_latencies.
+requests_per_client, user_prefix, one_user (every client the same user), timeout (s per request), ramp_seconds (start the clients
+spread over this long instead of all at once), think_mean_seconds (before every request, the
+first one included, each client pauses for an exponentially distributed time of this mean: users
+who read and type, not a closed loop), max_latencies.
+
+Every failure is counted by kind (`error_kinds`: "HTTP 499", "timeout", ...). The `chat_burst`
+scenario also tells refusals apart: a 503 or 429 that carries `Retry-After` is a refusal (its time
+from sending to the answer is kept in `refusal_latencies_ms`), not an error; any other non-200 is.
+A connection the server closed while idle (Envoy's idle timeout) is opened again before the next
+request, as a browser would (`reconnects`).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,13 +41,24 @@ CHAT_LIST_SIZE = 20  # tasks every user has before list turns (the model then se
 
 
 class HttpError(Exception):
-    pass
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind or message.split(":", 1)[0]  # e.g. "HTTP 499"
+
+
+class Refused(Exception):
+    """A fast, explicit refusal: 503 or 429 with Retry-After (the client is told when to come back)."""
+
+    def __init__(self, status: int, retry_after: str) -> None:
+        super().__init__(f"HTTP {status}, Retry-After {retry_after}")
+        self.status, self.retry_after = status, retry_after
 
 
 @dataclass
 class Response:
     status: int
     body: bytes
+    retry_after: str | None = None
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -51,6 +71,7 @@ class Connection:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.reconnects = 0  # reopened after the server closed an idle connection
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 22)
@@ -61,6 +82,9 @@ class Connection:
         self.reader = self.writer = None
 
     async def request(self, method: str, path: str, headers: bytes, body: bytes | None = None) -> Response:
+        if self.reader is not None and self.reader.at_eof():  # closed by the server while idle
+            self.close()
+            self.reconnects += 1
         if self.writer is None:
             await self.open()
         assert self.reader is not None and self.writer is not None
@@ -82,7 +106,7 @@ class Connection:
             raise HttpError("connection closed by server") from error
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
-        length, chunked, close = -1, False, False
+        length, chunked, close, retry_after = -1, False, False, None
         for line in lines[1:]:
             name, _, value = line.partition(":")
             name = name.lower()
@@ -92,6 +116,8 @@ class Connection:
                 chunked = "chunked" in value.lower()
             elif name == "connection":
                 close = "close" in value.lower()
+            elif name == "retry-after":
+                retry_after = value.strip()
         if chunked:
             body = await self._read_chunked()
         elif length >= 0:
@@ -101,7 +127,7 @@ class Connection:
             close = True
         if close:
             self.close()
-        return Response(status, body)
+        return Response(status, body, retry_after)
 
     async def _read_chunked(self) -> bytes:
         assert self.reader is not None
@@ -138,20 +164,32 @@ def _expect(response: Response, status: int = 200) -> Response:
     return response
 
 
-async def chat_turn(client: Client, message: str, tool: str) -> None:
+async def chat_turn(client: Client, message: str, tool: str, *, refusals: bool = False) -> None:
+    """One chat turn; with `refusals`, a 503/429 with Retry-After raises Refused instead of an error."""
     payload: dict[str, Any] = {"message": message}
     if client.conversation_id is not None:
         payload["conversation_id"] = client.conversation_id
-    reply = _expect(await client.call("POST", "/chat", payload)).json()
+    response = await client.call("POST", "/chat", payload)
+    if refusals and response.status in (429, 503):
+        if response.retry_after:
+            raise Refused(response.status, response.retry_after)
+        kind = f"HTTP {response.status} without Retry-After"
+        raise HttpError(f"{kind}: {response.body[:200]!r}", kind)
+    reply = _expect(response).json()
     client.conversation_id = reply["conversation_id"]
     calls = reply.get("tool_calls") or []
     # A turn only counts when the tool really ran: an error inside a 200 is still an error.
     if not calls or calls[0].get("name") != tool or "error" in calls[0]:
-        raise HttpError(f"unexpected tool calls: {calls!r:.200}")
+        raise HttpError(f"unexpected tool calls: {calls!r:.200}", "200 without the tool's result")
 
 
 async def chat_add(client: Client) -> None:
     await chat_turn(client, f"Add a task to buy milk number {client.sent}", "add_task")
+
+
+async def chat_burst(client: Client) -> None:
+    """An add-task turn that may be refused (503/429 with Retry-After): overload, issue 19."""
+    await chat_turn(client, f"Add a task to buy milk number {client.sent}", "add_task", refusals=True)
 
 
 FANOUT_CALLS = 1000  # tool calls the attacker's model asks for in one step
@@ -160,7 +198,10 @@ FANOUT_CALLS = 1000  # tool calls the attacker's model asks for in one step
 async def chat_fanout(client: Client) -> None:
     """The attack of issue 20: one message whose model step asks for a thousand tool calls. A
     turn counts when it is answered with a 200 (its calls past the tool budget are tool errors)."""
-    _expect(await client.call("POST", "/chat", {"message": f"fanout {FANOUT_CALLS}"}))
+    response = await client.call("POST", "/chat", {"message": f"fanout {FANOUT_CALLS}"})
+    if response.status == 429 and response.retry_after:  # the user's turns in progress are bounded
+        raise Refused(response.status, response.retry_after)
+    _expect(response)
 
 
 async def chat_list(client: Client) -> None:
@@ -202,6 +243,7 @@ async def seed_tasks(client: Client, count: int = LIST_SIZE) -> None:
 
 SCENARIOS: dict[str, Callable[[Client], Awaitable[None]]] = {
     "chat_add": chat_add,
+    "chat_burst": chat_burst,
     "chat_list": chat_list,
     "chat_fanout": chat_fanout,
     "task_create": task_create,
@@ -240,11 +282,20 @@ class Tally:
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
+    error_kinds: Counter[str] = field(default_factory=Counter)
+    refusal_latencies_ms: list[float] = field(default_factory=list)
+    refusal_statuses: Counter[str] = field(default_factory=Counter)
+    first_sends: list[float] = field(default_factory=list)  # perf_counter of each client's first request
 
-    def error(self, text: str) -> None:
+    def error(self, text: str, kind: str) -> None:
         self.errors += 1
+        self.error_kinds[kind] += 1
         if len(self.error_samples) < 5:
             self.error_samples.append(text[:300])
+
+    def refused(self, latency_ms: float, status: int) -> None:
+        self.refusal_latencies_ms.append(latency_ms)
+        self.refusal_statuses[str(status)] += 1
 
 
 async def drive(client: Client, step: Callable[[Client], Awaitable[None]], job: dict[str, Any], tally: Tally) -> None:
@@ -252,18 +303,29 @@ async def drive(client: Client, step: Callable[[Client], Awaitable[None]], job: 
     limit = job.get("requests_per_client")
     timeout = float(job.get("timeout", 120))
     ramp = float(job.get("ramp_seconds", 0))
+    think = float(job.get("think_mean_seconds", 0))
     if ramp:  # spread the clients' first requests evenly over the ramp instead of a burst
         await asyncio.sleep(ramp * client.index / job["concurrency"])
     while (limit is None or client.sent < limit) and (deadline is None or time.perf_counter() < deadline):
+        if think:  # the user reads and types: an exponential pause before every turn, the first included
+            await asyncio.sleep(client.rng.expovariate(1.0 / think))
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
         started = time.perf_counter()
+        if client.sent == 0:
+            tally.first_sends.append(started)
         try:
             await asyncio.wait_for(step(client), timeout)
             tally.latencies_ms.append((time.perf_counter() - started) * 1000)
+        except Refused as refusal:
+            tally.refused((time.perf_counter() - started) * 1000, refusal.status)
         except TimeoutError:
-            tally.error(f"timeout after {timeout}s")
+            tally.error(f"timeout after {timeout}s", "timeout")
             client.connection.close()
-        except (OSError, HttpError, asyncio.IncompleteReadError, ValueError, KeyError) as error:
-            tally.error(f"{type(error).__name__}: {error}")
+        except HttpError as error:
+            tally.error(f"HttpError: {error}", error.kind)
+        except (OSError, asyncio.IncompleteReadError, ValueError, KeyError) as error:
+            tally.error(f"{type(error).__name__}: {error}", type(error).__name__)
         client.sent += 1
 
 
@@ -272,7 +334,8 @@ async def open_clients(job: dict[str, Any]) -> list[Client]:
     host, port = url.hostname or "127.0.0.1", url.port or 80
     clients = []
     for index in range(job["concurrency"]):
-        user = f"{job['user_prefix']}-{index}"
+        # one_user: every client is the same user (its own connection), as one attacking account.
+        user = job["user_prefix"] if job.get("one_user") else f"{job['user_prefix']}-{index}"
         auth = f"authorization: Bearer {mint(job['secret'], user, 4 * 3600)}\r\n".encode()
         clients.append(Client(index, user, Connection(host, port), auth, rng=random.Random(index)))
     # Connect everyone before the clock starts, a few hundred at a time (listen backlogs).
@@ -298,25 +361,35 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
     lag.stop()
     for client in clients:
         client.connection.close()
-    return summarize(job, tally, lag.lags_ms, wall, cpu)
+    result = summarize(job, tally, lag.lags_ms, wall, cpu)
+    result["reconnects"] = sum(client.connection.reconnects for client in clients)
+    return result
 
 
 def summarize(job: dict[str, Any], tally: Tally, lags_ms: list[float], wall: float, cpu: float) -> dict[str, Any]:
     lags = sorted(lags_ms) or [0.0]
     cpu_fraction = cpu / wall if wall else 0.0
     lag_p99 = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
-    latencies = tally.latencies_ms
     limit = int(job.get("max_latencies", 200_000))
-    if len(latencies) > limit:  # keep the distribution, drop the bulk
-        latencies = random.Random(0).sample(latencies, limit)
+
+    def bounded(values: list[float]) -> list[float]:  # keep the distribution, drop the bulk
+        return random.Random(0).sample(values, limit) if len(values) > limit else values
+
+    sends = tally.first_sends
     return {
         "scenario": job["scenario"],
         "concurrency": job["concurrency"],
         "ok": len(tally.latencies_ms),
         "errors": tally.errors,
         "error_samples": tally.error_samples,
+        "error_kinds": dict(tally.error_kinds.most_common()),
+        "refused": len(tally.refusal_latencies_ms),
+        "refusal_statuses": dict(tally.refusal_statuses),
+        "refusal_latencies_ms": bounded(tally.refusal_latencies_ms),
+        # How far apart the clients' first requests went out (a burst: all at the same moment).
+        "first_send_spread_ms": (max(sends) - min(sends)) * 1000 if sends else 0.0,
         "wall_s": wall,
-        "latencies_ms": latencies,
+        "latencies_ms": bounded(tally.latencies_ms),
         "loadgen_cpu_fraction": cpu_fraction,
         "loadgen_loop_lag_p99_ms": lag_p99,
         "loadgen_loop_lag_max_ms": lags[-1],

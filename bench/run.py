@@ -1,12 +1,16 @@
 """The benchmark run: every phase, in order, against real processes; then the report.
 
 Phases (each a fresh load-generator process, clients = users, keep-alive connections):
-1. PostgreSQL stack: task REST (create, get, list 50, update, complete) at each client count,
-   then pgbench's ceiling for the same create transaction on the same database;
-   chat turns (add-task, list) against the zero-latency model, sequentially and concurrently;
-   many concurrent chat sessions against a 1 s-per-step model;
-   the fan-out attack: users whose model asks for a thousand tool calls in one step, while one
-   ordinary user chats (their latency beside the quiet figure).
+1. PostgreSQL stack: its RSS once started and warmed up (idle); task REST (create, get, list 50,
+   update, complete) at each client count, then pgbench's ceiling for the same create transaction
+   on the same database; chat turns (add-task, list) against the zero-latency model, sequentially
+   and concurrently; the fan-out attack: users whose model asks for a thousand tool calls in one
+   step, while one ordinary user chats (their latency beside the quiet figure);
+   tracing: the same sequential turns on three fresh stacks (metrics ports off / metrics on /
+   metrics and tracing on), alternating, CPU per turn of each;
+   think time: many users, each pausing (exponentially) between turns, against a 1 s-per-step model;
+   burst: many turns offered at once, each answer classified (turn, fast refusal, anything else);
+   many concurrent chat sessions against a 1 s-per-step model.
 2. Replicas: the same add-task chat load on that stack (one process of each service) and on a
    fresh PostgreSQL stack with two processes of each behind Envoy (throughput and CPU per turn
    side by side).
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import ceiling, hops, profile_summary, report
-from bench.harness import ModelServer, StackHandle, open_stack, run_loadgen, scratch_dir
+from bench.cpu import cpu_by_name_of, metrics_recording_cost
+from bench.harness import (
+    ModelServer,
+    OtlpReceiver,
+    StackHandle,
+    envoy_outcomes,
+    open_stack,
+    open_stacks,
+    run_loadgen,
+    scratch_dir,
+)
 from bench.procs import BENCH_PROCESSES, Peaks, Sampler, cpu_by_name, descendants, process_name
 
 TASK_OPS = ["task_create", "task_get", "task_list", "task_update", "task_complete"]
@@ -47,10 +62,44 @@ class Sizes:
     profile_seconds: float
     fanout_attackers: int = 30  # the attack of issue 20: a whole chat budget of fan-out turns
     fanout_victim_turns: int = 20
+    # Issue 17: sequential turns per variant and round; rounds alternate the variants.
+    tracing_turns: int = 200
+    tracing_rounds: int = 3
+    # Before and after each measured window: past the tracing SDK's 5 s batch delay, so the spans
+    # of a window are exported (and their CPU spent) inside it, none of the previous one's.
+    tracing_settle_seconds: float = 5.5
+    # OTEL_BSP_SCHEDULE_DELAY for the traced stack; 0 = the SDK's default (5 s). Quick runs export
+    # every 100 ms instead, so that their short windows see the spans (not a measurement anyway).
+    tracing_batch_delay_ms: int = 0
+    # Issue 19: users with think time, and the overload burst.
+    thinktime_users: int = 5000
+    thinktime_mean_seconds: float = 20.0
+    thinktime_seconds: float = 180.0
+    burst_turns: int = 5000
 
 
-QUICK = Sizes((1, 4), 0.4, 10, (4,), 1.0, (20,), 1.0, 0, fanout_attackers=3, fanout_victim_turns=3)
+QUICK = Sizes(
+    (1, 4),
+    0.4,
+    10,
+    (4,),
+    1.0,
+    (20,),
+    1.0,
+    0,
+    fanout_attackers=3,
+    fanout_victim_turns=3,
+    tracing_turns=10,
+    tracing_rounds=1,
+    tracing_settle_seconds=0.5,
+    tracing_batch_delay_ms=100,
+    thinktime_users=20,
+    thinktime_mean_seconds=0.5,
+    thinktime_seconds=2.0,
+    burst_turns=50,
+)
 FULL = Sizes((1, 16, 64), 5.0, 200, (16, 64), 8.0, (1000, 5000), 1.0, 10)
+STACK_PROCESSES = ("agent_service", "conversation_service", "task_service", "envoy")
 
 
 @dataclass
@@ -63,6 +112,10 @@ class Results:
     sessions: list[dict[str, Any]] = field(default_factory=list)
     fanout: dict[str, Any] = field(default_factory=dict)
     replicas: list[dict[str, Any]] = field(default_factory=list)
+    tracing: dict[str, Any] = field(default_factory=dict)
+    thinktime: dict[str, Any] = field(default_factory=dict)
+    burst: dict[str, Any] = field(default_factory=dict)
+    idle: Peaks | None = None  # the stack's RSS once started and warmed up, before any load
     peaks: Peaks = field(default_factory=Peaks)
     stacks: list[str] = field(default_factory=list)
     profiles: list[str] = field(default_factory=list)
@@ -112,6 +165,20 @@ def measure(results: Results, spec: dict[str, Any]) -> dict[str, Any]:
             f"  {spec['scenario']} x{spec['concurrency']}: {result['errors']} errors, e.g. {result['error_samples'][:1]}"
         )
     return result
+
+
+def idle_phase(results: Results, stack: StackHandle) -> None:
+    """RSS of every stack process right after the start and a few requests (lazy imports, pools,
+    first connections done), before any load: what the stack holds doing nothing."""
+    scenario = "chat_add" if stack.has_chat else "task_create"
+    run_loadgen(job(stack, scenario, 1, "pg-idle-warm", requests_per_client=3))
+    time.sleep(0.5)
+    sampler = Sampler()
+    for _ in range(3):
+        sampler.sample()
+        time.sleep(0.2)
+    results.idle = sampler.peaks
+    log(f"idle stack RSS: {sampler.peaks.stack_total_rss_mb:.0f} MB")
 
 
 def task_phases(results: Results, stack: StackHandle, backend: str) -> None:
@@ -183,7 +250,16 @@ def fanout_phase(results: Results, stack: StackHandle, model: ModelServer) -> No
     and the attackers' turns must end in answers, not 5xx."""
     sizes = results.sizes
     model.set_delay(0.0)
-    attack = job(stack, "chat_fanout", sizes.fanout_attackers, "pg-fanout-attack", requests_per_client=1, timeout=150)
+    # One account, as in the attack: its turns in parallel, each on its own connection.
+    attack = job(
+        stack,
+        "chat_fanout",
+        sizes.fanout_attackers,
+        "pg-fanout-attack",
+        requests_per_client=1,
+        timeout=150,
+        one_user=True,
+    )
     victim = job(stack, "chat_add", 1, "pg-fanout-victim", requests_per_client=sizes.fanout_victim_turns)
     log(f"fan-out: {sizes.fanout_attackers} attackers, one user's {sizes.fanout_victim_turns} turns beside them")
     with ThreadPoolExecutor(1) as pool:
@@ -197,6 +273,7 @@ def fanout_phase(results: Results, stack: StackHandle, model: ModelServer) -> No
         "attackers": sizes.fanout_attackers,
         "attack_ok": attacked["ok"],
         "attack_errors": attacked["errors"],
+        "attack_refused": attacked.get("refused", 0),
         "attack_error_samples": attacked["error_samples"][:2],
         "attack_p50": report.percentile(latencies, 0.5),
         "victim_turns": under_attack["count"],
@@ -206,6 +283,207 @@ def fanout_phase(results: Results, stack: StackHandle, model: ModelServer) -> No
         "quiet_p50": quiet.get("p50"),
         "quiet_p99": quiet.get("p99"),
     }
+
+
+# Issue 17's three stacks: what each adds over the one before.
+METRICS_OFF = {"TASK_METRICS_PORT": "0", "CONVERSATION_METRICS_PORT": "0", "AGENT_METRICS_PORT": "0"}
+TRACING_VARIANTS = {
+    "a": "metrics ports off (TASK/CONVERSATION/AGENT_METRICS_PORT=0), no tracing",
+    "b": "metrics on (the default), no tracing",
+    "c": "metrics on, tracing on (OTEL_EXPORTER_OTLP_ENDPOINT: the bench's OTLP receiver), default sampling",
+    "d": "metrics on, tracing on, every request traced (TRACING_SAMPLE_PERCENT=100)",
+}
+TRACED_VARIANTS = ("c", "d")
+
+
+def _tracing_round(
+    stack: StackHandle, prefix: str, turns: int, settle: float, receiver: OtlpReceiver | None
+) -> dict[str, Any]:
+    """`turns` sequential add-task turns of one new user on `stack`: CPU per turn of each of its
+    processes (exact, schedstat) after taking away what the idle stack spends in the same time
+    (health checks), and the spans the receiver got in that window."""
+    idle_before, idle_started = cpu_by_name_of(stack.pids), time.perf_counter()
+    time.sleep(settle)
+    idle_after, idle_wall = cpu_by_name_of(stack.pids), time.perf_counter() - idle_started
+    spans_before = receiver.counts() if receiver else None
+    before, started = cpu_by_name_of(stack.pids), time.perf_counter()
+    result = run_loadgen(job(stack, "chat_add", 1, prefix, requests_per_client=turns))
+    time.sleep(settle)  # the window's last spans are exported (and paid for) inside it
+    after, wall = cpu_by_name_of(stack.pids), time.perf_counter() - started
+    done = max(1, result["ok"])
+    cpu: dict[str, float] = {}
+    for name in STACK_PROCESSES:
+        idle_rate = (idle_after.get(name, 0.0) - idle_before.get(name, 0.0)) / idle_wall
+        spent = after.get(name, 0.0) - before.get(name, 0.0) - idle_rate * wall
+        cpu[name] = spent * 1000 / done
+    latencies = result["latencies_ms"]
+    row: dict[str, Any] = {
+        "turns": result["ok"],
+        "errors": result["errors"],
+        "error_samples": result["error_samples"],
+        "cpu": cpu,
+        "cpu_total": sum(cpu.values()),
+        "p50": report.percentile(latencies, 0.5),
+        "p99": report.percentile(latencies, 0.99),
+    }
+    if receiver is not None and spans_before is not None:
+        spans_after = receiver.counts()
+        for kind in ("spans", "server_spans"):
+            row[kind] = {
+                service: count - spans_before.get(kind, {}).get(service, 0)
+                for service, count in spans_after.get(kind, {}).items()
+            }
+    return row
+
+
+def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
+    """Issue 17: the CPU metrics and tracing add to a chat turn. Three fresh PostgreSQL stacks,
+    started side by side and warmed up alike: (a) metrics ports off, (b) the default, (c) tracing
+    on too. Then rounds of the same sequential add-task turns on each (a new user per round, so
+    every round does the same work), the order rotated every round; the median round per variant."""
+    sizes = results.sizes
+    model.set_delay(0.0)
+    receiver = OtlpReceiver(workdir).start()
+    traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+    if sizes.tracing_batch_delay_ms:
+        traced["OTEL_BSP_SCHEDULE_DELAY"] = str(sizes.tracing_batch_delay_ms)
+    envs = {"a": METRICS_OFF, "b": {}, "c": traced, "d": {**traced, "TRACING_SAMPLE_PERCENT": "100"}}
+    rounds: dict[str, list[dict[str, Any]]] = {key: [] for key in envs}
+    keys = list(envs)
+    try:
+        log(
+            "tracing: starting four stacks (a: metrics ports off, b: metrics on, c: + tracing, d: + every request traced)"
+        )
+        folders = [(workdir / f"tracing-{key}", env) for key, env in envs.items()]
+        with open_stacks("postgres", model.url, folders) as stacks:
+            by_key = dict(zip(keys, stacks, strict=True))
+            with ThreadPoolExecutor(len(stacks)) as pool:  # the same warm-up as the chat phase, side by side
+                warm = [job(stack, "chat_add", 2, "pg-trace-warm", requests_per_client=5) for stack in stacks]
+                list(pool.map(run_loadgen, warm))
+            time.sleep(sizes.tracing_settle_seconds)
+            for number in range(sizes.tracing_rounds):
+                order = keys[number % len(keys) :] + keys[: number % len(keys)]
+                for key in order:
+                    log(f"tracing: round {number + 1}, variant {key}, {sizes.tracing_turns} sequential turns")
+                    tracer = receiver if key in TRACED_VARIANTS else None
+                    row = _tracing_round(
+                        by_key[key], f"pg-trace-r{number}", sizes.tracing_turns, sizes.tracing_settle_seconds, tracer
+                    )
+                    rounds[key].append(row)
+            for key, stack in by_key.items():
+                results.stacks.append(f"tracing {key}: {stack.kind}")
+    finally:
+        received = receiver.stop()
+    variants = []
+    for key, rows in rounds.items():
+        median = sorted(rows, key=lambda row: row["cpu_total"])[len(rows) // 2] if rows else {}
+        spans: dict[str, int] = {}
+        server_spans: dict[str, int] = {}
+        for row in rows:
+            for service, count in row.get("spans", {}).items():
+                spans[service] = spans.get(service, 0) + count
+            for service, count in row.get("server_spans", {}).items():
+                server_spans[service] = server_spans.get(service, 0) + count
+        variants.append(
+            {
+                "key": key,
+                "what": TRACING_VARIANTS[key],
+                "rounds": len(rows),
+                "turns": sum(row["turns"] for row in rows),
+                "errors": sum(row["errors"] for row in rows),
+                "error_samples": [sample for row in rows for sample in row["error_samples"]][:3],
+                "cpu_total": statistics.median(row["cpu_total"] for row in rows) if rows else 0.0,
+                "cpu": median.get("cpu", {}),  # the median round's
+                "round_totals": [row["cpu_total"] for row in rows],
+                "p50": statistics.median(row["p50"] for row in rows) if rows else 0.0,
+                "spans": spans if key in TRACED_VARIANTS else None,
+                "server_spans": server_spans if key in TRACED_VARIANTS else None,
+            }
+        )
+    by_variant = {variant["key"]: variant for variant in variants}
+    with_tracing = by_variant["c"]
+    server_spans = with_tracing["server_spans"] or {}
+    rpc_spans = sum(count for service, count in server_spans.items() if service != "gateway")
+    results.tracing = {
+        "variants": variants,
+        "b_minus_a": by_variant["b"]["cpu_total"] - by_variant["a"]["cpu_total"],
+        "c_minus_a": with_tracing["cpu_total"] - by_variant["a"]["cpu_total"],
+        "d_minus_a": by_variant["d"]["cpu_total"] - by_variant["a"]["cpu_total"],
+        "turns_per_round": sizes.tracing_turns,
+        "settle_seconds": sizes.tracing_settle_seconds,
+        "batch_delay_ms": sizes.tracing_batch_delay_ms,
+        "received_total": received,
+        "rpcs_per_turn": rpc_spans / with_tracing["turns"] if with_tracing["turns"] else 0.0,
+        "metrics_cost": metrics_recording_cost(),
+    }
+
+
+def thinktime_phase(results: Results, stack: StackHandle, model: ModelServer) -> None:
+    """Issue 19: N users, each on its own connection with its own conversation, each pausing an
+    exponentially distributed time (the first pause too: no burst at the start) before every
+    add-task turn, for a fixed duration; the model takes 1 s per step."""
+    sizes = results.sizes
+    model.set_delay(sizes.session_model_seconds)
+    model_time_ms = MODEL_STEPS_PER_TURN * sizes.session_model_seconds * 1000
+    users, mean = sizes.thinktime_users, sizes.thinktime_mean_seconds
+    log(f"think time: {users} users, mean pause {mean:g}s, {sizes.thinktime_seconds:g}s, model 1s/step")
+    try:
+        spec = job(
+            stack,
+            "chat_add",
+            users,
+            "pg-think",
+            duration=sizes.thinktime_seconds,
+            think_mean_seconds=mean,
+            timeout=150,  # past Envoy's chat route timeout: the stack's own limits decide
+        )
+        result = measure(results, spec)
+    finally:
+        model.set_delay(0.0)
+    overheads = [latency - model_time_ms for latency in result.pop("_latencies")]
+    result.update(
+        phase="think time",
+        users=users,
+        mean_pause_s=mean,
+        duration_s=sizes.thinktime_seconds,
+        model_time_ms=model_time_ms,
+        overhead_p50=report.percentile(overheads, 0.5),
+        overhead_p99=report.percentile(overheads, 0.99),
+        overhead_max=max(overheads, default=0.0),
+        envoy=envoy_outcomes(stack.log_dir / "envoy.log", "/api/pg-think-", result["ok"] + result["errors"]),
+    )
+    results.thinktime = result
+
+
+def burst_phase(results: Results, stack: StackHandle, model: ModelServer) -> None:
+    """Issue 19, overload: N add-task turns offered at the same moment (N users, every connection
+    opened first), the model 1 s per step. Each answer is a turn (200), a fast refusal (503 or 429
+    with Retry-After) or anything else, which is an error."""
+    sizes = results.sizes
+    model.set_delay(sizes.session_model_seconds)
+    model_time_ms = MODEL_STEPS_PER_TURN * sizes.session_model_seconds * 1000
+    log(f"burst: {sizes.burst_turns} add-task turns at once, model 1s/step")
+    try:
+        spec = job(stack, "chat_burst", sizes.burst_turns, "pg-burst", requests_per_client=1, timeout=150)
+        result = measure(results, spec)
+    finally:
+        model.set_delay(0.0)
+    overheads = [latency - model_time_ms for latency in result.pop("_latencies")]
+    refusals = result.pop("refusal_latencies_ms")
+    result.update(
+        phase="burst",
+        offered=sizes.burst_turns,
+        model_time_ms=model_time_ms,
+        overhead_p50=report.percentile(overheads, 0.5),
+        overhead_p99=report.percentile(overheads, 0.99),
+        overhead_max=max(overheads, default=0.0),
+        refusal_p50=report.percentile(refusals, 0.5),
+        refusal_p99=report.percentile(refusals, 0.99),
+        refusal_max=max(refusals, default=0.0),
+        # Envoy's view: which of the refusals its circuit breaker made (UO), which came from the agent.
+        envoy=envoy_outcomes(stack.log_dir / "envoy.log", "/api/pg-burst-", sizes.burst_turns),
+    )
+    results.burst = result
 
 
 def session_phases(results: Results, stack: StackHandle, model: ModelServer) -> None:
@@ -304,7 +582,19 @@ def replicas_phase(results: Results, single: StackHandle, model: ModelServer, wo
 
 
 REPLICAS = 2
-PHASES = ("tasks", "ceiling", "hops", "chat", "fanout", "sessions", "replicas", "sqlite")
+PHASES = (
+    "tasks",
+    "ceiling",
+    "hops",
+    "chat",
+    "fanout",
+    "tracing",
+    "thinktime",
+    "burst",
+    "sessions",
+    "replicas",
+    "sqlite",
+)
 
 
 @dataclass(frozen=True)
@@ -332,6 +622,7 @@ def run(options: Options) -> str:
     try:
         with open_stack("postgres", model.url, workdir / "postgres") as stack:
             results.stacks.append(f"postgres: {stack.kind}")
+            idle_phase(results, stack)
             if "tasks" in wanted:
                 task_phases(results, stack, "postgres")
                 if "ceiling" in wanted:
@@ -344,6 +635,12 @@ def run(options: Options) -> str:
                 chat_phases(results, stack, model)
             if stack.has_chat and "fanout" in wanted:
                 fanout_phase(results, stack, model)
+            if stack.has_chat and "tracing" in wanted:
+                tracing_phase(results, model, workdir)
+            if stack.has_chat and "thinktime" in wanted:
+                thinktime_phase(results, stack, model)
+            if stack.has_chat and "burst" in wanted:
+                burst_phase(results, stack, model)
             if stack.has_chat and "sessions" in wanted:
                 session_phases(results, stack, model)
             if stack.has_chat and "replicas" in wanted:

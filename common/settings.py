@@ -175,6 +175,13 @@ class Settings:
         "",
         "OTLP/gRPC collector for traces (e.g. `http://127.0.0.1:4317`); empty = tracing off, at no cost.",
     )
+    tracing_sample_percent: float = setting(
+        "TRACING_SAMPLE_PERCENT",
+        10.0,
+        "Share of traces that get the services' spans (by trace id, so all hops or none; Envoy's "
+        "own span is always sent); 100 = every request. A traced chat turn costs about 1.5 ms more "
+        "CPU (bench/RESULTS.md).",
+    )
 
     # Per-user rate limits (common/ratelimit.py).
     rate_limit_writes_per_minute: int = setting(

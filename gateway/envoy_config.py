@@ -887,8 +887,9 @@ def with_observability(config: dict[str, Any], settings: Settings, target: Targe
                 ),
             }
         }
-        # Sample by the tracing settings (100% by default), not by the x-request-id's bits, and
-        # leave the request id as the client sent it (Envoy otherwise rewrites one of its digits).
+        # Envoy's span for every request (it costs Envoy little; the services sample their own by
+        # TRACING_SAMPLE_PERCENT), not decided by the x-request-id's bits, and leave the request
+        # id as the client sent it (Envoy otherwise rewrites one of its digits).
         manager["request_id_extension"] = {
             "typed_config": _typed(
                 "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",

@@ -135,6 +135,7 @@ def stack(
     extra_env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}",
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # milliseconds between the services' exports
+        "TRACING_SAMPLE_PERCENT": "100",  # every request: the test follows one turn's trace
         "LLM_BASE_URL": model.base_url,
         "LLM_API_KEY": "test",
     }
@@ -293,7 +294,10 @@ async def test_server_spans_of_unary_and_streaming_calls_continue_the_callers_tr
     """In process: the interceptor's span is current in the handler (streams too), so what the
     handler logs and calls downstream carries the caller's trace."""
     assert tracing.configure(
-        "probe_service", Settings.load({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}"})
+        "probe_service",
+        Settings.load(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}", "TRACING_SAMPLE_PERCENT": "100"}
+        ),
     )
     server = build_server(Settings.load({"BETTER_AUTH_SECRET": SECRET}))
     handlers = {
