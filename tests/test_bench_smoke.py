@@ -43,5 +43,5 @@ def test_quick_bench_completes_and_writes_the_tables(tmp_path: Path) -> None:
         for operation in ("create", "get", "list", "update", "complete"):
             assert f"| {backend} | {operation} |" in text
     assert "python -m bench --quick" in text  # the exact command
-    assert "| 3 | 3 / 0 |" in text  # the fan-out attackers' turns were answered, none failed
+    assert "| 3 | 3 / 0 / 0 |" in text  # the fan-out account's turns were answered, none refused or failed
     assert "- cores:" in text and "- postgresql:" in text
