@@ -42,10 +42,6 @@ class Admission:
         self._slots = asyncio.Semaphore(self.max_turns)
         self._per_user: Counter[str] = Counter()
 
-    @property
-    def in_progress(self) -> int:
-        return sum(self._per_user.values())
-
     async def admit(self, user_id: str) -> Slot:
         """A slot for one turn of `user_id`, or the refusal (raised) when there is none soon."""
         if self._per_user[user_id] >= self.max_turns_per_user:
