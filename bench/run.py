@@ -6,8 +6,9 @@ Phases (each a fresh load-generator process, clients = users, keep-alive connect
    on the same database; chat turns (add-task, list) against the zero-latency model, sequentially
    and concurrently; the fan-out attack: users whose model asks for a thousand tool calls in one
    step, while one ordinary user chats (their latency beside the quiet figure);
-   tracing: the same sequential turns on three fresh stacks (metrics ports off / metrics on /
-   metrics and tracing on), alternating, CPU per turn of each;
+   tracing: the same sequential turns on five fresh stacks (metrics and tracing off, twice; metrics
+   on; tracing at the default sampling; every request traced), in short rotated rounds, CPU per
+   turn of each against the first;
    think time: many users, each pausing (exponentially) between turns, against a 1 s-per-step model;
    burst: many turns offered at once, each answer classified (turn, fast refusal, anything else);
    many concurrent chat sessions against a 1 s-per-step model.
@@ -62,11 +63,11 @@ class Sizes:
     profile_seconds: float
     fanout_attackers: int = 30  # the attack of issue 20: a whole chat budget of fan-out turns
     fanout_victim_turns: int = 20
-    # Issue 17: sequential turns per variant and round; rounds alternate the variants.
-    tracing_turns: int = 200
-    tracing_rounds: int = 3
-    # Before and after each measured window: past the tracing SDK's 5 s batch delay, so the spans
-    # of a window are exported (and their CPU spent) inside it, none of the previous one's.
+    # Issue 17: sequential turns per stack and round; every round runs every stack, rotated.
+    tracing_turns: int = 25
+    tracing_rounds: int = 30
+    # After the warm-up and at the end of the last round: past the tracing SDK's 5 s batch delay,
+    # so every measured turn's spans are exported (and their CPU spent) inside the measurement.
     tracing_settle_seconds: float = 5.5
     # OTEL_BSP_SCHEDULE_DELAY for the traced stack; 0 = the SDK's default (5 s). Quick runs export
     # every 100 ms instead, so that their short windows see the spans (not a measurement anyway).
@@ -89,8 +90,8 @@ QUICK = Sizes(
     0,
     fanout_attackers=3,
     fanout_victim_turns=3,
-    tracing_turns=10,
-    tracing_rounds=1,
+    tracing_turns=5,
+    tracing_rounds=2,
     tracing_settle_seconds=0.5,
     tracing_batch_delay_ms=100,
     thinktime_users=20,
@@ -122,6 +123,11 @@ class Results:
     hops: list[tuple[str, dict[str, float]]] = field(default_factory=list)
     ramp_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+
+
+def _fresh_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def log(message: str) -> None:
@@ -285,10 +291,12 @@ def fanout_phase(results: Results, stack: StackHandle, model: ModelServer) -> No
     }
 
 
-# Issue 17's three stacks: what each adds over the one before.
+# Issue 17's stacks: what each adds over (a). (a2) is (a) again, a control: (a2 - a) is what the
+# measurement reads when nothing differs, its noise floor.
 METRICS_OFF = {"TASK_METRICS_PORT": "0", "CONVERSATION_METRICS_PORT": "0", "AGENT_METRICS_PORT": "0"}
 TRACING_VARIANTS = {
-    "a": "metrics ports off (TASK/CONVERSATION/AGENT_METRICS_PORT=0), no tracing",
+    "a": "metrics and tracing off (metrics ports 0: no /metrics server, no RPC metrics interceptor)",
+    "a2": "the same as a, a second stack (the control: a2 - a is the noise)",
     "b": "metrics on (the default), no tracing",
     "c": "metrics on, tracing on (OTEL_EXPORTER_OTLP_ENDPOINT: the bench's OTLP receiver), default sampling",
     "d": "metrics on, tracing on, every request traced (TRACING_SAMPLE_PERCENT=100)",
@@ -296,64 +304,38 @@ TRACING_VARIANTS = {
 TRACED_VARIANTS = ("c", "d")
 
 
-def _tracing_round(
-    stack: StackHandle, prefix: str, turns: int, settle: float, receiver: OtlpReceiver | None
-) -> dict[str, Any]:
-    """`turns` sequential add-task turns of one new user on `stack`: CPU per turn of each of its
-    processes (exact, schedstat) after taking away what the idle stack spends in the same time
-    (health checks), and the spans the receiver got in that window."""
-    idle_before, idle_started = cpu_by_name_of(stack.pids), time.perf_counter()
-    time.sleep(settle)
-    idle_after, idle_wall = cpu_by_name_of(stack.pids), time.perf_counter() - idle_started
-    spans_before = receiver.counts() if receiver else None
-    before, started = cpu_by_name_of(stack.pids), time.perf_counter()
-    result = run_loadgen(job(stack, "chat_add", 1, prefix, requests_per_client=turns))
-    time.sleep(settle)  # the window's last spans are exported (and paid for) inside it
-    after, wall = cpu_by_name_of(stack.pids), time.perf_counter() - started
-    done = max(1, result["ok"])
-    cpu: dict[str, float] = {}
-    for name in STACK_PROCESSES:
-        idle_rate = (idle_after.get(name, 0.0) - idle_before.get(name, 0.0)) / idle_wall
-        spent = after.get(name, 0.0) - before.get(name, 0.0) - idle_rate * wall
-        cpu[name] = spent * 1000 / done
-    latencies = result["latencies_ms"]
-    row: dict[str, Any] = {
-        "turns": result["ok"],
-        "errors": result["errors"],
-        "error_samples": result["error_samples"],
-        "cpu": cpu,
-        "cpu_total": sum(cpu.values()),
-        "p50": report.percentile(latencies, 0.5),
-        "p99": report.percentile(latencies, 0.99),
-    }
-    if receiver is not None and spans_before is not None:
-        spans_after = receiver.counts()
-        for kind in ("spans", "server_spans"):
-            row[kind] = {
-                service: count - spans_before.get(kind, {}).get(service, 0)
-                for service, count in spans_after.get(kind, {}).items()
-            }
-    return row
+def _cpu_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: (after.get(name, 0.0) - before.get(name, 0.0)) * 1000 for name in STACK_PROCESSES}
+
+
+def _mean_and_error(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (0 with fewer than two values)."""
+    if len(values) < 2:
+        return (values[0] if values else 0.0), 0.0
+    return statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
 
 
 def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
-    """Issue 17: the CPU metrics and tracing add to a chat turn. Three fresh PostgreSQL stacks,
-    started side by side and warmed up alike: (a) metrics ports off, (b) the default, (c) tracing
-    on too. Then rounds of the same sequential add-task turns on each (a new user per round, so
-    every round does the same work), the order rotated every round; the median round per variant."""
+    """Issue 17: the CPU metrics and tracing add to a chat turn. Five fresh PostgreSQL stacks side
+    by side (TRACING_VARIANTS), warmed up alike; then rounds: in each, every stack runs the same
+    short run of sequential add-task turns (a new user per round), in an order rotated every round.
+    At every round's start and end the CPU of every stack is read, so a stack's round holds all it
+    spent in that time, its late span exports included. Per round, each variant's CPU per turn less
+    (a)'s; the mean over the rounds and its standard error."""
     sizes = results.sizes
     model.set_delay(0.0)
-    receiver = OtlpReceiver(workdir).start()
-    traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
-    if sizes.tracing_batch_delay_ms:
-        traced["OTEL_BSP_SCHEDULE_DELAY"] = str(sizes.tracing_batch_delay_ms)
-    envs = {"a": METRICS_OFF, "b": {}, "c": traced, "d": {**traced, "TRACING_SAMPLE_PERCENT": "100"}}
-    rounds: dict[str, list[dict[str, Any]]] = {key: [] for key in envs}
+    receivers = {key: OtlpReceiver(_fresh_dir(workdir / f"otlp-{key}")).start() for key in TRACED_VARIANTS}
+    envs: dict[str, dict[str, str]] = {"a": METRICS_OFF, "a2": METRICS_OFF, "b": {}}
+    for key, receiver in receivers.items():
+        envs[key] = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+        if sizes.tracing_batch_delay_ms:
+            envs[key]["OTEL_BSP_SCHEDULE_DELAY"] = str(sizes.tracing_batch_delay_ms)
+    envs["d"]["TRACING_SAMPLE_PERCENT"] = "100"
     keys = list(envs)
+    slices: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}  # per round: cpu, turns, p50
+    spans: dict[str, dict[str, int]] = {}  # per traced variant (and "<key>_server"): per service
     try:
-        log(
-            "tracing: starting four stacks (a: metrics ports off, b: metrics on, c: + tracing, d: + every request traced)"
-        )
+        log(f"tracing: starting {len(keys)} stacks ({', '.join(keys)})")
         folders = [(workdir / f"tracing-{key}", env) for key, env in envs.items()]
         with open_stacks("postgres", model.url, folders) as stacks:
             by_key = dict(zip(keys, stacks, strict=True))
@@ -361,59 +343,92 @@ def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
                 warm = [job(stack, "chat_add", 2, "pg-trace-warm", requests_per_client=5) for stack in stacks]
                 list(pool.map(run_loadgen, warm))
             time.sleep(sizes.tracing_settle_seconds)
+            spans_before = {key: receiver.counts() for key, receiver in receivers.items()}
+            log(f"tracing: {sizes.tracing_rounds} rounds of {sizes.tracing_turns} sequential turns per stack")
             for number in range(sizes.tracing_rounds):
                 order = keys[number % len(keys) :] + keys[: number % len(keys)]
-                for key in order:
-                    log(f"tracing: round {number + 1}, variant {key}, {sizes.tracing_turns} sequential turns")
-                    tracer = receiver if key in TRACED_VARIANTS else None
-                    row = _tracing_round(
-                        by_key[key], f"pg-trace-r{number}", sizes.tracing_turns, sizes.tracing_settle_seconds, tracer
+                cpu_before = {key: cpu_by_name_of(stack.pids) for key, stack in by_key.items()}
+                outcomes = {
+                    key: run_loadgen(
+                        job(by_key[key], "chat_add", 1, f"pg-trace-r{number}", requests_per_client=sizes.tracing_turns)
                     )
-                    rounds[key].append(row)
+                    for key in order
+                }
+                if number == sizes.tracing_rounds - 1:
+                    time.sleep(sizes.tracing_settle_seconds)  # the last spans are exported inside the last round
+                for key, stack in by_key.items():
+                    outcome = outcomes[key]
+                    slices[key].append(
+                        {
+                            "cpu": _cpu_ms(cpu_before[key], cpu_by_name_of(stack.pids)),
+                            "turns": outcome["ok"],
+                            "errors": outcome["errors"],
+                            "error_samples": outcome["error_samples"],
+                            "p50": report.percentile(outcome["latencies_ms"], 0.5),
+                        }
+                    )
+            for key, receiver in receivers.items():
+                after = receiver.counts()
+                spans[key] = {
+                    service: count - spans_before[key].get("spans", {}).get(service, 0)
+                    for service, count in after.get("spans", {}).items()
+                }
+                spans[key + "_server"] = {
+                    service: count - spans_before[key].get("server_spans", {}).get(service, 0)
+                    for service, count in after.get("server_spans", {}).items()
+                }
             for key, stack in by_key.items():
                 results.stacks.append(f"tracing {key}: {stack.kind}")
     finally:
-        received = receiver.stop()
+        for receiver in receivers.values():
+            receiver.stop()
+    results.tracing = _tracing_summary(slices, spans, sizes)
+
+
+def _per_turn(row: dict[str, Any]) -> float:
+    return float(sum(row["cpu"].values())) / max(1, row["turns"])
+
+
+def _tracing_summary(
+    slices: dict[str, list[dict[str, Any]]], spans: dict[str, dict[str, int]], sizes: Sizes
+) -> dict[str, Any]:
     variants = []
-    for key, rows in rounds.items():
-        median = sorted(rows, key=lambda row: row["cpu_total"])[len(rows) // 2] if rows else {}
-        spans: dict[str, int] = {}
-        server_spans: dict[str, int] = {}
-        for row in rows:
-            for service, count in row.get("spans", {}).items():
-                spans[service] = spans.get(service, 0) + count
-            for service, count in row.get("server_spans", {}).items():
-                server_spans[service] = server_spans.get(service, 0) + count
+    for key, rows in slices.items():
+        turns = sum(row["turns"] for row in rows)
+        cpu = {name: sum(row["cpu"][name] for row in rows) / max(1, turns) for name in STACK_PROCESSES}
         variants.append(
             {
                 "key": key,
                 "what": TRACING_VARIANTS[key],
                 "rounds": len(rows),
-                "turns": sum(row["turns"] for row in rows),
+                "turns": turns,
                 "errors": sum(row["errors"] for row in rows),
                 "error_samples": [sample for row in rows for sample in row["error_samples"]][:3],
-                "cpu_total": statistics.median(row["cpu_total"] for row in rows) if rows else 0.0,
-                "cpu": median.get("cpu", {}),  # the median round's
-                "round_totals": [row["cpu_total"] for row in rows],
+                "cpu_total": sum(cpu.values()),
+                "cpu": cpu,
                 "p50": statistics.median(row["p50"] for row in rows) if rows else 0.0,
-                "spans": spans if key in TRACED_VARIANTS else None,
-                "server_spans": server_spans if key in TRACED_VARIANTS else None,
+                "spans": spans.get(key),
             }
         )
-    by_variant = {variant["key"]: variant for variant in variants}
-    with_tracing = by_variant["c"]
-    server_spans = with_tracing["server_spans"] or {}
+    differences = {}
+    for key in slices:
+        if key == "a":
+            continue
+        paired = [_per_turn(row) - _per_turn(base) for row, base in zip(slices[key], slices["a"], strict=True)]
+        mean, error = _mean_and_error(paired)
+        differences[key] = {"mean": mean, "error": error}
+    every = next(v for v in variants if v["key"] == "d")
+    server_spans = spans.get("d_server", {})
     rpc_spans = sum(count for service, count in server_spans.items() if service != "gateway")
-    results.tracing = {
+    return {
         "variants": variants,
-        "b_minus_a": by_variant["b"]["cpu_total"] - by_variant["a"]["cpu_total"],
-        "c_minus_a": with_tracing["cpu_total"] - by_variant["a"]["cpu_total"],
-        "d_minus_a": by_variant["d"]["cpu_total"] - by_variant["a"]["cpu_total"],
+        "differences": differences,  # per turn, against (a): mean and standard error over the rounds
         "turns_per_round": sizes.tracing_turns,
+        "rounds": sizes.tracing_rounds,
         "settle_seconds": sizes.tracing_settle_seconds,
         "batch_delay_ms": sizes.tracing_batch_delay_ms,
-        "received_total": received,
-        "rpcs_per_turn": rpc_spans / with_tracing["turns"] if with_tracing["turns"] else 0.0,
+        # The services' RPCs per turn: their server spans when every request is traced.
+        "rpcs_per_turn": rpc_spans / every["turns"] if every["turns"] else 0.0,
         "metrics_cost": metrics_recording_cost(),
     }
 

@@ -1,7 +1,8 @@
 """One server bootstrap for every gRPC service.
 
-`run_service(...)` configures logging, builds a grpc.aio server with the metrics interceptor
-(outermost: it sees every call's final status) and the auth interceptor, the standard health
+`main(...)` configures logging, builds a grpc.aio server with the metrics interceptor
+(outermost: it sees every call's final status; left out when the service neither serves metrics
+nor traces) and the auth interceptor, the standard health
 service and reflection, lets the service register its servicer, and serves until SIGTERM/SIGINT.
 Beside it: Prometheus metrics on the service's metrics port and, when OTEL_EXPORTER_OTLP_ENDPOINT
 is set, tracing (common/metrics.py, common/tracing.py). On a signal it first reports NOT_SERVING
@@ -38,10 +39,21 @@ Lifespan = Callable[[grpc.aio.Server, Settings], AbstractAsyncContextManager[Non
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
-def build_server(settings: Settings) -> grpc.aio.Server:
+def interceptors(settings: Settings, observed: bool = True) -> list[grpc.aio.ServerInterceptor]:
+    """Auth on every server; metrics (and the trace span) around it, outermost, when `observed`."""
+    auth = AuthInterceptor(TokenVerifier(settings))
+    return [metrics.MetricsInterceptor(), auth] if observed else [auth]
+
+
+def records_metrics(name: str, settings: Settings) -> bool:
+    """Whether the service records RPC metrics: when it serves them or traces (call after
+    tracing.configure). With its metrics port 0 and tracing off, the interceptor costs nothing."""
+    return metrics.metrics_port(name, settings) > 0 or tracing.enabled()
+
+
+def build_server(settings: Settings, observed: bool = True) -> grpc.aio.Server:
     return grpc.aio.server(
-        # In this order: metrics (and the trace span) around everything the auth interceptor does.
-        interceptors=[metrics.MetricsInterceptor(), AuthInterceptor(TokenVerifier(settings))],
+        interceptors=interceptors(settings, observed),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_metadata_size", 16 * 1024),
@@ -53,7 +65,7 @@ def build_server(settings: Settings) -> grpc.aio.Server:
 async def serve(name: str, service_names: list[str], address: str, lifespan: Lifespan, settings: Settings) -> None:
     """Serve `service_names` on the port of `address` until a shutdown signal."""
     tracing.configure(name, settings)
-    server = build_server(settings)
+    server = build_server(settings, records_metrics(name, settings))
     ratelimit.configure(settings)
     metrics_server = metrics.serve_http(name, settings)
     if metrics_server is not None:

@@ -155,12 +155,20 @@ class Settings:
     )
 
     # Operations: metrics (common/metrics.py) and tracing (common/tracing.py), see OPERATIONS.md.
-    task_metrics_port: int = setting("TASK_METRICS_PORT", 9101, "task_service's Prometheus `/metrics` port; 0 = off.")
+    task_metrics_port: int = setting(
+        "TASK_METRICS_PORT",
+        9101,
+        "task_service's Prometheus `/metrics` port; 0 = off (its RPC metrics not recorded unless tracing is on).",
+    )
     conversation_metrics_port: int = setting(
-        "CONVERSATION_METRICS_PORT", 9102, "conversation_service's Prometheus `/metrics` port; 0 = off."
+        "CONVERSATION_METRICS_PORT",
+        9102,
+        "conversation_service's Prometheus `/metrics` port; 0 = off (its RPC metrics not recorded unless tracing is on).",
     )
     agent_metrics_port: int = setting(
-        "AGENT_METRICS_PORT", 9103, "agent_service's Prometheus `/metrics` port; 0 = off."
+        "AGENT_METRICS_PORT",
+        9103,
+        "agent_service's Prometheus `/metrics` port; 0 = off (its RPC metrics not recorded unless tracing is on).",
     )
     metrics_bind_host: str = setting(
         "METRICS_BIND_HOST",

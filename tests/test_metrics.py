@@ -29,9 +29,10 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from common import metrics
+from common import metrics, tracing
 from common.errors import NotFound
-from common.server import build_server
+from common.interceptor import AuthInterceptor
+from common.server import build_server, interceptors, records_metrics
 from common.settings import Settings
 from tests.gateway_fixtures import Gateway, start_gateway
 from tests.support import ROOT, SECRET, auth_metadata, free_port
@@ -130,6 +131,20 @@ TEST_HANDLERS = {
 def handled(method: str, code: str, grpc_type: str = "unary") -> float:
     labels = {"grpc_type": grpc_type, "grpc_service": TEST_SERVICE, "grpc_method": method, "grpc_code": code}
     return registry_value("grpc_server_handled_total", **labels)
+
+
+def test_metrics_off_and_tracing_off_leave_the_interceptor_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A metrics port of 0 is "off": no /metrics server and, unless the service traces (the
+    # interceptor opens the spans), no recording on the request path either.
+    off = Settings.load({"BETTER_AUTH_SECRET": SECRET, "TASK_METRICS_PORT": "0"})
+    default = Settings.load({"BETTER_AUTH_SECRET": SECRET})
+    monkeypatch.setattr(tracing, "enabled", lambda: False)
+    assert not records_metrics("task_service", off)
+    assert records_metrics("task_service", default)
+    assert [type(each) for each in interceptors(off, observed=False)] == [AuthInterceptor]
+    assert [type(each) for each in interceptors(default)] == [metrics.MetricsInterceptor, AuthInterceptor]
+    monkeypatch.setattr(tracing, "enabled", lambda: True)
+    assert records_metrics("task_service", off)
 
 
 async def test_the_interceptor_records_every_calls_final_status() -> None:
