@@ -107,6 +107,19 @@ def assert_only_unavailable(result: LoadResult) -> None:
     assert not any("Traceback" in details for _, details in result.errors)
 
 
+def assert_refused_or_racing_the_goaway(result: LoadResult, writers: int) -> None:
+    """UNAVAILABLE, except for at most one call per writer that raced the server's GOAWAY: sent on
+    the old connection after the server stopped taking calls but before the client read GOAWAY,
+    grpc core holds it unhandled and cancels it when shutdown completes (CANCELLED, or
+    DEADLINE_EXCEEDED if the client's deadline comes first). No handler ran for it, so nothing was
+    written; a CI run under load showed each. (Answering those with UNAVAILABLE needs a drain
+    window in common/server.py before server.stop: not built yet.)"""
+    racing = [(code, details) for code, details in result.errors if code != grpc.StatusCode.UNAVAILABLE]
+    assert {code for code, _ in racing} <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}, racing
+    assert len(racing) <= writers, f"more calls raced the GOAWAY than there are writers: {racing}"
+    assert not any("Traceback" in details for _, details in result.errors)
+
+
 async def test_postgres_restart_under_write_load_loses_no_acknowledged_write(
     cluster: PgCluster, base_env: dict[str, str], log_dir: Path
 ) -> None:
@@ -197,7 +210,7 @@ async def test_sigterm_finishes_in_flight_calls_and_refuses_new_ones(
     assert all(isinstance(reply, task_pb2.Task) for reply in finished), f"in-flight calls failed: {finished}"
     assert sorted(reply.id for reply in finished) == [first.id + 1, first.id + 2, first.id + 3]
     assert exit_code == 0, service.log_tail()
-    assert_only_unavailable(result)
+    assert_refused_or_racing_the_goaway(result, writers=2)
     assert result.acknowledged, "the steady load never got going"
     assert_no_acknowledged_write_lost(result, stored_task_ids(cluster, database, steady))
     assert stored_task_ids(cluster, database, slow) == [first.id, first.id + 1, first.id + 2, first.id + 3]
