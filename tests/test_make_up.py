@@ -54,7 +54,10 @@ class MakeUp:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"make up exited:\n{self.tail()}"
-            if http_status(self.base_url + "/readyz") == 200:
+            # Ready as a user sees it: the banner is out (Envoy may answer /readyz a moment before
+            # up.py's own readiness poll returns and prints it).
+            if "Ctrl-C stops everything." in self.output.read_text(errors="replace"):
+                assert http_status(self.base_url + "/readyz") == 200, self.tail()
                 return
             time.sleep(0.5)
         raise AssertionError(f"/readyz not 200 after {START_TIMEOUT}s:\n{self.tail()}")
