@@ -66,12 +66,13 @@ class Sizes:
     # Issue 17: sequential turns per stack and round; every round runs every stack, rotated.
     tracing_turns: int = 25
     tracing_rounds: int = 30
-    # After the warm-up and at the end of the last round: past the tracing SDK's 5 s batch delay,
-    # so every measured turn's spans are exported (and their CPU spent) inside the measurement.
-    tracing_settle_seconds: float = 5.5
-    # OTEL_BSP_SCHEDULE_DELAY for the traced stack; 0 = the SDK's default (5 s). Quick runs export
-    # every 100 ms instead, so that their short windows see the spans (not a measurement anyway).
-    tracing_batch_delay_ms: int = 0
+    # Each stack's CPU is read just before its run and this long after it: past the traced stacks'
+    # batch delay below, so a run's spans are exported (and their CPU spent) inside its window.
+    tracing_settle_seconds: float = 1.1
+    # OTEL_BSP_SCHEDULE_DELAY (ms) for the traced stacks, instead of the SDK's 5 s: short windows
+    # then hold their own exports. More frequent exports of smaller batches cost more per span, so
+    # this overstates the cost.
+    tracing_batch_delay_ms: int = 1000
     # Issue 19: users with think time, and the overload burst.
     thinktime_users: int = 5000
     thinktime_mean_seconds: float = 20.0
@@ -92,7 +93,7 @@ QUICK = Sizes(
     fanout_victim_turns=3,
     tracing_turns=5,
     tracing_rounds=2,
-    tracing_settle_seconds=0.5,
+    tracing_settle_seconds=0.3,
     tracing_batch_delay_ms=100,
     thinktime_users=20,
     thinktime_mean_seconds=0.5,
@@ -317,19 +318,20 @@ def _mean_and_error(values: list[float]) -> tuple[float, float]:
 
 def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
     """Issue 17: the CPU metrics and tracing add to a chat turn. Five fresh PostgreSQL stacks side
-    by side (TRACING_VARIANTS), warmed up alike; then rounds: in each, every stack runs the same
-    short run of sequential add-task turns (a new user per round), in an order rotated every round.
-    At every round's start and end the CPU of every stack is read, so a stack's round holds all it
-    spent in that time, its late span exports included. Per round, each variant's CPU per turn less
-    (a)'s; the mean over the rounds and its standard error."""
+    by side (TRACING_VARIANTS), warmed up alike; then rounds: in each, every stack in turn runs the
+    same short run of sequential add-task turns (a new user per round), in an order rotated every
+    round. A stack's CPU is read just before its run and a settle time after it (its exports
+    included). Per round, each variant's CPU per turn less the mean of the two untouched stacks'
+    (a, a2); the mean over the rounds and its standard error."""
     sizes = results.sizes
     model.set_delay(0.0)
     receivers = {key: OtlpReceiver(_fresh_dir(workdir / f"otlp-{key}")).start() for key in TRACED_VARIANTS}
     envs: dict[str, dict[str, str]] = {"a": METRICS_OFF, "a2": METRICS_OFF, "b": {}}
     for key, receiver in receivers.items():
-        envs[key] = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
-        if sizes.tracing_batch_delay_ms:
-            envs[key]["OTEL_BSP_SCHEDULE_DELAY"] = str(sizes.tracing_batch_delay_ms)
+        envs[key] = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": str(sizes.tracing_batch_delay_ms),
+        }
     envs["d"]["TRACING_SAMPLE_PERCENT"] = "100"
     keys = list(envs)
     slices: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}  # per round: cpu, turns, p50
@@ -342,31 +344,12 @@ def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
             with ThreadPoolExecutor(len(stacks)) as pool:  # the same warm-up as the chat phase, side by side
                 warm = [job(stack, "chat_add", 2, "pg-trace-warm", requests_per_client=5) for stack in stacks]
                 list(pool.map(run_loadgen, warm))
-            time.sleep(sizes.tracing_settle_seconds)
+            time.sleep(1.0)  # the warm-up's exports out of the way
             spans_before = {key: receiver.counts() for key, receiver in receivers.items()}
             log(f"tracing: {sizes.tracing_rounds} rounds of {sizes.tracing_turns} sequential turns per stack")
             for number in range(sizes.tracing_rounds):
-                order = keys[number % len(keys) :] + keys[: number % len(keys)]
-                cpu_before = {key: cpu_by_name_of(stack.pids) for key, stack in by_key.items()}
-                outcomes = {
-                    key: run_loadgen(
-                        job(by_key[key], "chat_add", 1, f"pg-trace-r{number}", requests_per_client=sizes.tracing_turns)
-                    )
-                    for key in order
-                }
-                if number == sizes.tracing_rounds - 1:
-                    time.sleep(sizes.tracing_settle_seconds)  # the last spans are exported inside the last round
-                for key, stack in by_key.items():
-                    outcome = outcomes[key]
-                    slices[key].append(
-                        {
-                            "cpu": _cpu_ms(cpu_before[key], cpu_by_name_of(stack.pids)),
-                            "turns": outcome["ok"],
-                            "errors": outcome["errors"],
-                            "error_samples": outcome["error_samples"],
-                            "p50": report.percentile(outcome["latencies_ms"], 0.5),
-                        }
-                    )
+                for key in keys[number % len(keys) :] + keys[: number % len(keys)]:
+                    slices[key].append(_tracing_window(by_key[key], number, sizes))
             for key, receiver in receivers.items():
                 after = receiver.counts()
                 spans[key] = {
@@ -383,6 +366,20 @@ def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
         for receiver in receivers.values():
             receiver.stop()
     results.tracing = _tracing_summary(slices, spans, sizes)
+
+
+def _tracing_window(stack: StackHandle, number: int, sizes: Sizes) -> dict[str, Any]:
+    """One stack's run of round `number`: its CPU from just before to `settle` after."""
+    before = cpu_by_name_of(stack.pids)
+    outcome = run_loadgen(job(stack, "chat_add", 1, f"pg-trace-r{number}", requests_per_client=sizes.tracing_turns))
+    time.sleep(sizes.tracing_settle_seconds)
+    return {
+        "cpu": _cpu_ms(before, cpu_by_name_of(stack.pids)),
+        "turns": outcome["ok"],
+        "errors": outcome["errors"],
+        "error_samples": outcome["error_samples"],
+        "p50": report.percentile(outcome["latencies_ms"], 0.5),
+    }
 
 
 def _per_turn(row: dict[str, Any]) -> float:
@@ -410,13 +407,19 @@ def _tracing_summary(
                 "spans": spans.get(key),
             }
         )
+    # Against the mean of the two untouched stacks, round by round; the control (a2 - a) is the
+    # difference between those two, what the method reads when nothing differs.
+    baseline = [(_per_turn(a) + _per_turn(a2)) / 2 for a, a2 in zip(slices["a"], slices["a2"], strict=True)]
     differences = {}
     for key in slices:
-        if key == "a":
+        if key in ("a", "a2"):
             continue
-        paired = [_per_turn(row) - _per_turn(base) for row, base in zip(slices[key], slices["a"], strict=True)]
+        paired = [_per_turn(row) - base for row, base in zip(slices[key], baseline, strict=True)]
         mean, error = _mean_and_error(paired)
         differences[key] = {"mean": mean, "error": error}
+    control = [_per_turn(a2) - _per_turn(a) for a, a2 in zip(slices["a"], slices["a2"], strict=True)]
+    mean, error = _mean_and_error(control)
+    differences["a2"] = {"mean": mean, "error": error}
     every = next(v for v in variants if v["key"] == "d")
     server_spans = spans.get("d_server", {})
     rpc_spans = sum(count for service, count in server_spans.items() if service != "gateway")

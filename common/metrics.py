@@ -231,7 +231,12 @@ def _observed(
     return observe
 
 
-def _finish(recorder: _MethodMetrics, span: tracing.ServerSpan | None, code: grpc.StatusCode, started: float) -> None:
+def _finish(
+    recorder: _MethodMetrics,
+    span: tracing.ServerSpan | tracing.PassedOnTrace | None,
+    code: grpc.StatusCode,
+    started: float,
+) -> None:
     recorder.done(code, time.perf_counter() - started)
     if span is not None:
         span.finish(code)

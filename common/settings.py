@@ -186,9 +186,9 @@ class Settings:
     tracing_sample_percent: float = setting(
         "TRACING_SAMPLE_PERCENT",
         10.0,
-        "Share of traces that get the services' spans (by trace id, so all hops or none; Envoy's "
-        "own span is always sent); 100 = every request. A traced chat turn costs about 1.5 ms more "
-        "CPU (bench/RESULTS.md).",
+        "Share of requests traced, decided once at Envoy (a trace has all its hops or none; a "
+        "client's sampled `traceparent` is always followed); 100 = every request. A traced chat "
+        "turn costs about 3 ms more CPU (bench/RESULTS.md).",
     )
 
     # Per-user rate limits (common/ratelimit.py).

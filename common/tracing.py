@@ -7,6 +7,10 @@ span (`server_span`, opened by common/metrics.py's interceptor so that each call
 once), written into outgoing gRPC metadata (`inject_metadata`, used by common/clients.py) and
 into HTTP headers (`inject_headers`, for the model request).
 
+Sampling is decided once per trace, by Envoy (TRACING_SAMPLE_PERCENT, or the client's own
+`traceparent` flag); a service records a span only for a sampled trace and passes an unsampled
+one on as it came, at the cost of reading one header.
+
 Without the setting nothing is installed and this module imports no OpenTelemetry package:
 every helper checks one module global and returns (no span, empty headers, a shared no-op
 context manager), so tracing that is off costs nothing per request.
@@ -15,7 +19,9 @@ context manager), so tracing that is off costs nothing per request.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +53,14 @@ _provider: TracerProvider | None = None
 _otel: Any = None  # the OpenTelemetry API pieces the helpers use, loaded by configure()
 _NOTHING = contextlib.nullcontext()
 
+# A caller's trace that is not sampled (its `traceparent` flag is 00) is not recorded by anyone
+# downstream, so a service does not build spans for it: it passes the caller's `traceparent`
+# (and `tracestate`) on unchanged, as W3C trace context allows a hop that records nothing, and
+# logs its trace id. This holds those headers while such a call is handled.
+_passed_on: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("unsampled_trace", default=None)
+# version-trace_id-parent_id-flags (W3C trace context; later versions may append fields).
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+
 
 class _Otel:
     """The OpenTelemetry modules, imported only when tracing is on (never on a service without it)."""
@@ -69,18 +83,20 @@ def configure(service: str, settings: Settings) -> bool:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     _otel = _Otel()
     endpoint = settings.otel_exporter_otlp_endpoint
     # An http:// endpoint is a plaintext collector (the usual sidecar); https:// uses TLS.
     exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
-    # TRACING_SAMPLE_PERCENT of traces get the services' spans. The decision is the trace id's
-    # (TraceIdRatioBased, not the parent's flag: Envoy marks every request sampled), so every
-    # service decides the same for one trace: a trace has all its hops or only the gateway's.
-    # An unsampled span records nothing and costs a few microseconds.
+    # One decision per trace, made where it starts: Envoy samples TRACING_SAMPLE_PERCENT of requests
+    # and says so in the `traceparent` it sends upstream (flag 01 or 00), and every service follows
+    # that flag (ParentBased), so a trace has all its hops or none. A call that arrives without a
+    # trace (straight to a service's port) is sampled by its trace id at the same percent.
+    # A call of an unsampled trace gets no span at all (`server_span` passes its context on).
     ratio = min(max(settings.tracing_sample_percent, 0.0), 100.0) / 100
-    _provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=TraceIdRatioBased(ratio))
+    sampler = ParentBased(root=TraceIdRatioBased(ratio))
+    _provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=sampler)
     _provider.add_span_processor(BatchSpanProcessor(exporter))
     _otel.trace.set_tracer_provider(_provider)
     _tracer = _provider.get_tracer("todo")
@@ -118,12 +134,29 @@ class ServerSpan:
             self.span.end()
 
 
-def server_span(method: str, metadata: Sequence[tuple[str, Any]] | None) -> ServerSpan | None:
+class PassedOnTrace:
+    """An incoming call of an unsampled trace: no span, its trace context current until `finish`."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.token = _passed_on.set(headers)
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        _passed_on.reset(self.token)
+
+
+def server_span(method: str, metadata: Sequence[tuple[str, Any]] | None) -> ServerSpan | PassedOnTrace | None:
     """Start the span of an incoming call to `method` ("/pkg.Service/Method"), continuing the
-    trace of the caller's `traceparent` if it sent one. None when tracing is off."""
+    trace of the caller's `traceparent` if it sent one (a caller's unsampled trace is only passed
+    on: no span). None when tracing is off."""
     if _tracer is None:
         return None
-    parent = _parent(metadata)
+    # Only W3C trace context's two headers are read; the rest of the metadata (the token) is not.
+    headers = {key: value for key, value in metadata or () if key in ("traceparent", "tracestate") and value}
+    if _unsampled(headers.get("traceparent", "")):
+        return PassedOnTrace(headers)
+    parent = _otel.propagator.extract(carrier=headers)
     # The name is "package.Service/Method" (OpenTelemetry's RPC convention); rpc.service and
     # rpc.method attributes would repeat it at a cost per span, so only rpc.system is set.
     span = _tracer.start_span(
@@ -133,11 +166,15 @@ def server_span(method: str, metadata: Sequence[tuple[str, Any]] | None) -> Serv
     return ServerSpan(span, token)
 
 
-def _parent(metadata: Sequence[tuple[str, Any]] | None) -> Any:
-    """The caller's trace context (an empty context: a new trace). Only W3C trace context's two
-    headers are read; the rest of the metadata (the token) is not."""
-    headers = {key: value for key, value in metadata or () if key in ("traceparent", "tracestate")}
-    return _otel.propagator.extract(carrier=headers)
+def _unsampled(traceparent: str) -> bool:
+    """A valid `traceparent` whose sampled flag is off (anything else goes to the SDK, which
+    starts a new trace for an invalid one)."""
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if match is None or match[1] == "ff" or (match[1] == "00" and match[5]):
+        return False
+    if match[2] == "0" * 32 or match[3] == "0" * 16:
+        return False
+    return not int(match[4], 16) & 1
 
 
 def span(name: str, attributes: dict[str, Any] | None = None, *, kind: str = "client") -> Any:
@@ -147,16 +184,20 @@ def span(name: str, attributes: dict[str, Any] | None = None, *, kind: str = "cl
         with tracing.span("chat model", {"gen_ai.request.model": model}) as span:
             ...
     """
-    if _tracer is None:
+    if _tracer is None or _passed_on.get() is not None:
         return _NOTHING
     return _tracer.start_as_current_span(name, kind=_otel.kinds[kind], attributes=attributes)
 
 
 def inject_headers() -> dict[str, str]:
     """`traceparent` (and `tracestate`) of the current span, for an outgoing HTTP request; {} when off."""
+    if _tracer is None:
+        return {}
+    passed_on = _passed_on.get()
+    if passed_on is not None:
+        return dict(passed_on)
     headers: dict[str, str] = {}
-    if _tracer is not None:
-        _otel.propagator.inject(headers)
+    _otel.propagator.inject(headers)
     return headers
 
 
@@ -171,5 +212,8 @@ def current_trace_id() -> str:
     """The current span's trace id (32 hex digits), or "" (tracing off, or no span)."""
     if _tracer is None:
         return ""
+    passed_on = _passed_on.get()
+    if passed_on is not None:
+        return passed_on["traceparent"][3:35]
     span_context = _otel.trace.get_current_span().get_span_context()
     return _otel.trace.format_trace_id(span_context.trace_id) if span_context.is_valid else ""

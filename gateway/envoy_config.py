@@ -884,12 +884,12 @@ def with_observability(config: dict[str, Any], settings: Settings, target: Targe
                     "envoy.config.trace.v3.OpenTelemetryConfig",
                     grpc_service={"envoy_grpc": {"cluster_name": OTEL_CLUSTER}, "timeout": "2s"},
                     service_name="gateway",
+                    sampler=_sampler(settings),
                 ),
             }
         }
-        # Envoy's span for every request (it costs Envoy little; the services sample their own by
-        # TRACING_SAMPLE_PERCENT), not decided by the x-request-id's bits, and leave the request
-        # id as the client sent it (Envoy otherwise rewrites one of its digits).
+        # The tracer's sampler decides, not the x-request-id's bits, and the request id is left as
+        # the client sent it (Envoy otherwise rewrites one of its digits).
         manager["request_id_extension"] = {
             "typed_config": _typed(
                 "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
@@ -903,6 +903,28 @@ def with_observability(config: dict[str, Any], settings: Settings, target: Targe
             ]
         }
     return config
+
+
+def _sampler(settings: Settings) -> dict[str, Any]:
+    """The one sampling decision of a trace: a client's `traceparent` flag if it sent one, else
+    TRACING_SAMPLE_PERCENT of trace ids. Envoy sends the outcome upstream in `traceparent`
+    (without a sampler its flag says sampled even for requests it does not trace), and every
+    service follows that flag."""
+    percent = min(max(settings.tracing_sample_percent, 0.0), 100.0)
+    by_trace_id = {
+        "name": "envoy.tracers.opentelemetry.samplers.trace_id_ratio_based",
+        "typed_config": _typed(
+            "envoy.extensions.tracers.opentelemetry.samplers.v3.TraceIdRatioBasedSamplerConfig",
+            sampling_percentage={"numerator": round(percent * 10_000), "denominator": "MILLION"},
+        ),
+    }
+    return {
+        "name": "envoy.tracers.opentelemetry.samplers.parent_based",
+        "typed_config": _typed(
+            "envoy.extensions.tracers.opentelemetry.samplers.v3.ParentBasedSamplerConfig",
+            wrapped_sampler=by_trace_id,
+        ),
+    }
 
 
 def _otel_cluster(endpoint: str) -> dict[str, Any]:

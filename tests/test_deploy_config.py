@@ -128,9 +128,12 @@ def _validate(config_path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["untraced", "traced"])
 @pytest.mark.parametrize("target", ["native", "docker"])
-def test_rendered_envoy_config_validates(target: str, tmp_path: Path) -> None:
+def test_rendered_envoy_config_validates(target: str, traced: bool, tmp_path: Path) -> None:
     environment = SERVICES["gateway-config"]["environment"] if target == "docker" else {}
+    if traced:  # the tracer, its sampler and the collector's cluster
+        environment = {**environment, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
     settings = Settings.load({key: str(value) for key, value in environment.items()})
     config = envoy_config.render(
         settings,

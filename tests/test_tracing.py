@@ -143,6 +143,25 @@ def stack(
         yield gateway
 
 
+@pytest.fixture(scope="module")
+def unsampled_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    database_url_factory: Callable[[str, str], str],
+    receiver: tuple[Receiver, int],
+    model: ChatServer,
+) -> Iterator[Gateway]:
+    """The same stack sampling 0 % of requests: only a client's own sampled trace is traced."""
+    extra_env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "TRACING_SAMPLE_PERCENT": "0",
+        "LLM_BASE_URL": model.base_url,
+        "LLM_API_KEY": "test",
+    }
+    with start_gateway(tmp_path_factory, database_url_factory, "sqlite", extra_env=extra_env) as gateway:
+        yield gateway
+
+
 def chat_turn(gateway: Gateway, model: ChatServer, key: str, headers: dict[str, str]) -> None:
     """One chat turn whose model asks for add_task, then answers."""
     model.script(
@@ -251,6 +270,44 @@ def test_envoy_starts_the_trace_and_its_span_is_the_parent_of_the_agents(
     assert one(spans, "agent_service", "todo.v1.AgentService/Chat").parent_id == edge.span_id
 
 
+def test_a_clients_unsampled_trace_stays_unsampled_in_every_hop(
+    stack: Gateway, model: ChatServer, receiver: tuple[Receiver, int]
+) -> None:
+    """Even at 100 %, a `traceparent` flagged 00 is the caller's decision: Envoy and every service
+    follow it (each service samples by its parent's flag, not again by itself)."""
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    request_id = f"declined-{secrets.token_hex(8)}"
+    chat_turn(stack, model, "declined", {"traceparent": f"00-{trace_id}-{span_id}-00", "x-request-id": request_id})
+    assert trace_id_logged(stack, "conversation", request_id) == trace_id
+    time.sleep(1.5)  # past every hop's export interval
+    assert receiver[0].spans(trace_id) == []
+
+
+def test_sampling_is_decided_once_at_the_gateway_and_every_hop_follows_it(
+    unsampled_stack: Gateway, model: ChatServer, receiver: tuple[Receiver, int]
+) -> None:
+    """At 0 %, Envoy traces nothing of its own and tells the services so in `traceparent`: no hop
+    sends a span (a trace is all hops or none), yet the log lines still carry the trace id. A
+    client's own sampled trace is followed through every hop."""
+    request_id = f"unsampled-{secrets.token_hex(8)}"
+    chat_turn(unsampled_stack, model, "unsampled1", {"x-request-id": request_id})
+    trace_id = trace_id_logged(unsampled_stack, "agent", request_id)
+    assert trace_id, "an unsampled request's log lines still carry its trace id"
+    assert trace_id_logged(unsampled_stack, "task", request_id) == trace_id
+
+    header, sampled_trace_id, _ = traceparent()
+    chat_turn(unsampled_stack, model, "unsampled2", {"traceparent": header})
+    sampled = receiver[0].wait(
+        sampled_trace_id, lambda spans: hops_of_a_turn(spans) and any(span.service == "gateway" for span in spans)
+    )
+    assert hops_of_a_turn(sampled), [(span.service, span.name) for span in sampled]
+    assert any(span.service == "gateway" for span in sampled)
+    # Everything the first turn's hops would have sent was due well before the second's arrived
+    # (services every 100 ms, Envoy every second), so its absence now is not a matter of time.
+    time.sleep(1.5)
+    assert [(span.service, span.name) for span in receiver[0].spans(trace_id)] == []
+
+
 def test_every_log_line_of_a_traced_request_carries_its_trace_id(
     stack: Gateway, model: ChatServer, receiver: tuple[Receiver, int]
 ) -> None:
@@ -324,6 +381,41 @@ async def test_server_spans_of_unary_and_streaming_calls_continue_the_callers_tr
     assert stream.parent_id == client_span
     # Downstream metadata names the stream's own span as the parent.
     assert pieces[1].decode() == f"00-{trace_id}-{stream.span_id}-01"
+
+
+async def _downstream(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    """What this handler would send downstream (its trace id and trace headers), as JSON."""
+    sent = dict(clients.caller_metadata(Caller(user_id="u", token="t")))
+    trace = {key: sent.get(key) for key in ("traceparent", "tracestate")}
+    return json.dumps({"trace_id": tracing.current_trace_id(), **trace}).encode()
+
+
+async def test_an_unsampled_trace_is_passed_on_unchanged_without_spans(receiver: tuple[Receiver, int]) -> None:
+    """A caller's `traceparent` flagged 00: the handler logs its trace id and calls downstream with
+    the same `traceparent` and `tracestate`, and no span is built or sent."""
+    assert tracing.configure(
+        "passing_service",
+        Settings.load(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}", "TRACING_SAMPLE_PERCENT": "100"}
+        ),
+    )
+    server = build_server(Settings.load({"BETTER_AUTH_SECRET": SECRET}))
+    handlers = {"Downstream": grpc.unary_unary_rpc_method_handler(_downstream)}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.v1.Passing", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    header = f"00-{trace_id}-{span_id}-00"
+    metadata = (*auth_metadata("passing-user"), ("traceparent", header), ("tracestate", "vendor=1"))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer = await channel.unary_unary("/test.v1.Passing/Downstream")(b"", metadata=metadata, timeout=30)
+        assert tracing.current_trace_id() == ""  # nothing of the call leaks into the caller's context
+    finally:
+        await server.stop(0)
+        tracing.shutdown()
+    assert json.loads(answer) == {"trace_id": trace_id, "traceparent": header, "tracestate": "vendor=1"}
+    assert [span for span in receiver[0].spans() if span.service == "passing_service"] == []
 
 
 def test_without_an_endpoint_tracing_loads_no_sdk_and_adds_no_metadata() -> None:
