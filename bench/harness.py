@@ -312,6 +312,8 @@ def envoy_outcomes(log_path: Path, path_prefix: str, expected: int, wait_seconds
             break
         time.sleep(0.5)
     outcomes = Counter(f"{entry.get('status')} {entry.get('flags')}" for entry in rows)
+    # Refusals timed by the gateway: from the request's arrival (Envoy's START_TIME) to its answer.
+    refusal_ms = [float(entry["ms"]) for entry in rows if entry.get("status") in (429, 503) and "ms" in entry]
     starts = []
     for entry in rows:
         with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -320,6 +322,7 @@ def envoy_outcomes(log_path: Path, path_prefix: str, expected: int, wait_seconds
         "logged": len(rows),
         "outcomes": dict(outcomes.most_common()),
         "take_up_spread_ms": (max(starts) - min(starts)) * 1000 if starts else 0.0,
+        "refusal_ms": refusal_ms,
     }
 
 

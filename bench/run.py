@@ -498,8 +498,17 @@ def burst_phase(results: Results, stack: StackHandle, model: ModelServer) -> Non
         refusal_p50=report.percentile(refusals, 0.5),
         refusal_p99=report.percentile(refusals, 0.99),
         refusal_max=max(refusals, default=0.0),
-        # Envoy's view: which of the refusals its circuit breaker made (UO), which came from the agent.
-        envoy=envoy_outcomes(stack.log_dir / "envoy.log", "/api/pg-burst-", sizes.burst_turns),
+    )
+    # Envoy's view: which of the refusals its circuit breaker made (UO), which came from the agent,
+    # and how long each took from its arrival at the gateway (the target's measure).
+    envoy = envoy_outcomes(stack.log_dir / "envoy.log", "/api/pg-burst-", sizes.burst_turns)
+    at_gateway = envoy.pop("refusal_ms")
+    result.update(
+        envoy=envoy,
+        gateway_refusals=len(at_gateway),
+        gateway_refusal_p50=report.percentile(at_gateway, 0.5),
+        gateway_refusal_p99=report.percentile(at_gateway, 0.99),
+        gateway_refusal_max=max(at_gateway, default=0.0),
     )
     results.burst = result
 
