@@ -94,14 +94,18 @@ def configure(service: str, settings: Settings) -> bool:
     # that flag (ParentBased), so a trace has all its hops or none. A call that arrives without a
     # trace (straight to a service's port) is sampled by its trace id at the same percent.
     # A call of an unsampled trace gets no span at all (`server_span` passes its context on).
-    ratio = min(max(settings.tracing_sample_percent, 0.0), 100.0) / 100
-    sampler = ParentBased(root=TraceIdRatioBased(ratio))
+    sampler = ParentBased(root=TraceIdRatioBased(sample_percent(settings) / 100))
     _provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=sampler)
     _provider.add_span_processor(BatchSpanProcessor(exporter))
     _otel.trace.set_tracer_provider(_provider)
     _tracer = _provider.get_tracer("todo")
     log.info("tracing on", extra={"otlp_endpoint": endpoint})
     return True
+
+
+def sample_percent(settings: Settings) -> float:
+    """TRACING_SAMPLE_PERCENT within 0..100 (Envoy's sampler and the services' use the same)."""
+    return min(max(settings.tracing_sample_percent, 0.0), 100.0)
 
 
 def shutdown() -> None:

@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 import yaml
 from google.protobuf import descriptor_pb2
 
+from common import tracing
 from common.settings import Settings
 from gateway import openapi
 
@@ -910,7 +911,7 @@ def _sampler(settings: Settings) -> dict[str, Any]:
     TRACING_SAMPLE_PERCENT of trace ids. Envoy sends the outcome upstream in `traceparent`
     (without a sampler its flag says sampled even for requests it does not trace), and every
     service follows that flag."""
-    percent = min(max(settings.tracing_sample_percent, 0.0), 100.0)
+    percent = tracing.sample_percent(settings)
     by_trace_id = {
         "name": "envoy.tracers.opentelemetry.samplers.trace_id_ratio_based",
         "typed_config": _typed(

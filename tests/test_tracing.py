@@ -12,6 +12,7 @@ the trace id. Without the setting, the tracing SDK is not even loaded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,26 @@ def model() -> Iterator[ChatServer]:
     server.stop()
 
 
+@contextlib.contextmanager
+def traced_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    database_url_factory: Callable[[str, str], str],
+    receiver: tuple[Receiver, int],
+    model: ChatServer,
+    sample_percent: str,
+) -> Iterator[Gateway]:
+    """The whole stack exporting to `receiver`, with the scripted model, at `sample_percent`."""
+    extra_env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # milliseconds between the services' exports
+        "TRACING_SAMPLE_PERCENT": sample_percent,
+        "LLM_BASE_URL": model.base_url,
+        "LLM_API_KEY": "test",
+    }
+    with start_gateway(tmp_path_factory, database_url_factory, "sqlite", extra_env=extra_env) as gateway:
+        yield gateway
+
+
 @pytest.fixture(scope="module")
 def stack(
     tmp_path_factory: pytest.TempPathFactory,
@@ -132,14 +153,8 @@ def stack(
     receiver: tuple[Receiver, int],
     model: ChatServer,
 ) -> Iterator[Gateway]:
-    extra_env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",  # milliseconds between the services' exports
-        "TRACING_SAMPLE_PERCENT": "100",  # every request: the test follows one turn's trace
-        "LLM_BASE_URL": model.base_url,
-        "LLM_API_KEY": "test",
-    }
-    with start_gateway(tmp_path_factory, database_url_factory, "sqlite", extra_env=extra_env) as gateway:
+    """Every request traced: the tests follow one turn's trace."""
+    with traced_stack(tmp_path_factory, database_url_factory, receiver, model, "100") as gateway:
         yield gateway
 
 
@@ -151,14 +166,7 @@ def unsampled_stack(
     model: ChatServer,
 ) -> Iterator[Gateway]:
     """The same stack sampling 0 % of requests: only a client's own sampled trace is traced."""
-    extra_env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "TRACING_SAMPLE_PERCENT": "0",
-        "LLM_BASE_URL": model.base_url,
-        "LLM_API_KEY": "test",
-    }
-    with start_gateway(tmp_path_factory, database_url_factory, "sqlite", extra_env=extra_env) as gateway:
+    with traced_stack(tmp_path_factory, database_url_factory, receiver, model, "0") as gateway:
         yield gateway
 
 
@@ -345,34 +353,44 @@ async def _stream(request: bytes, context: grpc.aio.ServicerContext) -> Any:
     yield dict(clients.caller_metadata(Caller(user_id="u", token="t")))["traceparent"].encode()
 
 
-async def test_server_spans_of_unary_and_streaming_calls_continue_the_callers_trace(
-    receiver: tuple[Receiver, int],
-) -> None:
-    """In process: the interceptor's span is current in the handler (streams too), so what the
-    handler logs and calls downstream carries the caller's trace."""
+@contextlib.asynccontextmanager
+async def traced_server(
+    receiver: tuple[Receiver, int], service: str, name: str, handlers: dict[str, grpc.RpcMethodHandler]
+) -> AsyncIterator[grpc.aio.Channel]:
+    """In this process: tracing on as `service` (every trace sampled, exported to `receiver`), our
+    server bootstrap serving `handlers` as gRPC service `name`, and a channel to it."""
     assert tracing.configure(
-        "probe_service",
+        service,
         Settings.load(
             {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}", "TRACING_SAMPLE_PERCENT": "100"}
         ),
     )
     server = build_server(Settings.load({"BETTER_AUTH_SECRET": SECRET}))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(name, handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(0)
+        tracing.shutdown()  # exports what is buffered, and turns tracing off again for this process
+
+
+async def test_server_spans_of_unary_and_streaming_calls_continue_the_callers_trace(
+    receiver: tuple[Receiver, int],
+) -> None:
+    """In process: the interceptor's span is current in the handler (streams too), so what the
+    handler logs and calls downstream carries the caller's trace."""
     handlers = {
         "Answer": grpc.unary_unary_rpc_method_handler(_answer),
         "Stream": grpc.unary_stream_rpc_method_handler(_stream),
     }
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.v1.Traced", handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     header, trace_id, client_span = traceparent()
     metadata = (*auth_metadata("traced-user"), ("traceparent", header))
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            answer = await channel.unary_unary("/test.v1.Traced/Answer")(b"", metadata=metadata, timeout=30)
-            pieces = [piece async for piece in channel.unary_stream("/test.v1.Traced/Stream")(b"", metadata=metadata)]
-    finally:
-        await server.stop(0)
-        tracing.shutdown()  # exports what is buffered, and turns tracing off again for this process
+    async with traced_server(receiver, "probe_service", "test.v1.Traced", handlers) as channel:
+        answer = await channel.unary_unary("/test.v1.Traced/Answer")(b"", metadata=metadata, timeout=30)
+        pieces = [piece async for piece in channel.unary_stream("/test.v1.Traced/Stream")(b"", metadata=metadata)]
     assert answer.decode() == trace_id
     assert pieces[0].decode() == trace_id
     spans = receiver[0].wait(trace_id, lambda spans: len(spans) >= 2)
@@ -393,27 +411,13 @@ async def _downstream(request: bytes, context: grpc.aio.ServicerContext) -> byte
 async def test_an_unsampled_trace_is_passed_on_unchanged_without_spans(receiver: tuple[Receiver, int]) -> None:
     """A caller's `traceparent` flagged 00: the handler logs its trace id and calls downstream with
     the same `traceparent` and `tracestate`, and no span is built or sent."""
-    assert tracing.configure(
-        "passing_service",
-        Settings.load(
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver[1]}", "TRACING_SAMPLE_PERCENT": "100"}
-        ),
-    )
-    server = build_server(Settings.load({"BETTER_AUTH_SECRET": SECRET}))
     handlers = {"Downstream": grpc.unary_unary_rpc_method_handler(_downstream)}
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.v1.Passing", handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
     header = f"00-{trace_id}-{span_id}-00"
     metadata = (*auth_metadata("passing-user"), ("traceparent", header), ("tracestate", "vendor=1"))
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            answer = await channel.unary_unary("/test.v1.Passing/Downstream")(b"", metadata=metadata, timeout=30)
+    async with traced_server(receiver, "passing_service", "test.v1.Passing", handlers) as channel:
+        answer = await channel.unary_unary("/test.v1.Passing/Downstream")(b"", metadata=metadata, timeout=30)
         assert tracing.current_trace_id() == ""  # nothing of the call leaks into the caller's context
-    finally:
-        await server.stop(0)
-        tracing.shutdown()
     assert json.loads(answer) == {"trace_id": trace_id, "traceparent": header, "tracestate": "vendor=1"}
     assert [span for span in receiver[0].spans() if span.service == "passing_service"] == []
 
