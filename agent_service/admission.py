@@ -8,6 +8,10 @@ AGENT_ADMISSION_WAIT_SECONDS for one, then is refused at once with UNAVAILABLE (
 AGENT_MAX_TURNS_PER_USER slots: more turns of the same user in parallel are RESOURCE_EXHAUSTED
 (HTTP 429, `retry-after`), so one account cannot take the capacity everyone shares.
 
+Tool calls are bounded per user too (`PerUserBound`, AGENT_TOOL_CONCURRENCY): a user's turns
+in progress share that many calls in flight, so one account's parallel turns cannot hold the
+services' capacity either.
+
 Per process: N replicas admit N times as many, which is what their capacity is.
 """
 
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from common import metrics
 from common.errors import ResourceExhausted, Unavailable
@@ -86,3 +92,25 @@ class Slot:
         if self._held:
             self._held = False
             self._admission._release(self._user_id)
+
+
+class PerUserBound:
+    """At most `limit` holders at a time per user, across all of that user's turns."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._users: dict[str, tuple[asyncio.Semaphore, int]] = {}  # semaphore, holders and waiters
+
+    @asynccontextmanager
+    async def hold(self, user_id: str) -> AsyncIterator[None]:
+        semaphore, holders = self._users.get(user_id) or (asyncio.Semaphore(self.limit), 0)
+        self._users[user_id] = (semaphore, holders + 1)
+        try:
+            async with semaphore:
+                yield
+        finally:
+            semaphore, holders = self._users[user_id]
+            if holders == 1:  # nobody of this user holds or waits: forget them
+                del self._users[user_id]
+            else:
+                self._users[user_id] = (semaphore, holders - 1)

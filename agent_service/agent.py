@@ -14,7 +14,7 @@ outcome, then `Done` or `Failed` — that both Chat and ChatStream consume:
    the step bound is reached, store the assistant's message, `Done`.
 
 Tools run within a budget (`ToolBudget`): at most AGENT_MAX_TOOL_CALLS_PER_STEP calls of one
-step and AGENT_MAX_TOOL_CALLS_PER_TURN in the turn, AGENT_TOOL_CONCURRENCY at a time; calls
+step and AGENT_MAX_TOOL_CALLS_PER_TURN in the turn, AGENT_TOOL_CONCURRENCY of one user at a time; calls
 past it become tool errors the model can explain, and once the user's write budget answers
 RESOURCE_EXHAUSTED no further write is attempted in the turn. So one message cannot fan out
 into a thousand calls that starve everyone else.
@@ -36,6 +36,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -46,7 +47,7 @@ from zoneinfo import ZoneInfo
 import grpc
 
 from agent_service import history, tools
-from agent_service.admission import Admission, Slot
+from agent_service.admission import Admission, PerUserBound, Slot
 from agent_service.llm import ModelClient, ModelToolCall
 from agent_service.prompt import system_prompt
 from common import metrics, validation
@@ -149,11 +150,15 @@ class Agent:
         self._max_steps = max(1, settings.agent_max_steps)
         self._window = min(max(0, settings.agent_history_window), 99)
         self._tools_per_step = max(1, settings.agent_max_tool_calls_per_step)
+        # A step's answer is read up to the calls that can run and the refusals worth recording
+        # (ModelReply.calls_cut past them): the model and the user are told the rest did not run.
+        self._calls_read_per_step = self._tools_per_step + MAX_RECORDED_REFUSALS
         # Every call that runs is stored with the answer: within conversation_service's bound.
         self._tools_per_turn = min(
             max(1, settings.agent_max_tool_calls_per_turn), MAX_RECORDED_CALLS - MAX_RECORDED_REFUSALS
         )
-        self._tool_concurrency = max(1, settings.agent_tool_concurrency)
+        # Shared by all of a user's turns: parallel turns of one account get no more calls in flight.
+        self._tool_slots = PerUserBound(settings.agent_tool_concurrency)
         self._tool_schemas = [tool.openai_schema() for tool in tools.for_surface("chat")]
         # A turn ends well before the gateway gives up on it, so the client gets our answer.
         self.turn_seconds = min(settings.llm_timeout_seconds * self._max_steps, settings.agent_turn_timeout_seconds)
@@ -345,15 +350,17 @@ class Agent:
         budget = ToolBudget(self._tools_per_step, self._tools_per_turn)
         refusals_recorded = 0
         unrecorded = 0  # refused calls past MAX_RECORDED_REFUSALS, counted instead of stored
+        cut = False  # a step asked for more calls than were read
         for step in range(1, self._max_steps + 1):
             speech.next_step()
-            reply = await self._model.step(messages, self._tool_schemas, speech.say)
+            reply = await self._model.step(messages, self._tool_schemas, speech.say, self._calls_read_per_step)
             if not reply.tool_calls:
                 break
+            cut = cut or reply.calls_cut
             for index, requested in enumerate(reply.tool_calls):
                 requested.id = requested.id or f"call_s{step}_{index}"
             outcomes = await self._run_tools(turn.caller, reply.tool_calls, budget)
-            messages.extend(step_messages(reply.text, reply.tool_calls, outcomes))
+            messages.extend(step_messages(reply.text, reply.tool_calls, outcomes, reply.calls_cut))
             for ran in outcomes:
                 if not was_refused(ran) or refusals_recorded < MAX_RECORDED_REFUSALS:
                     refusals_recorded += was_refused(ran)
@@ -363,8 +370,8 @@ class Agent:
                     unrecorded += 1
         else:
             await speech.say_apart(stopped_early(self._max_steps, calls))
-        if unrecorded:
-            await speech.say_apart(f"({unrecorded} more requested actions were not carried out: too many at once.)")
+        if unrecorded or cut:
+            await speech.say_apart(not_carried_out(unrecorded, cut))
         if not speech.text.strip():
             await speech.say_apart(fallback_answer(calls))
         # Stored as a message: within its limits, whatever the model produced.
@@ -374,26 +381,29 @@ class Agent:
         self, caller: Caller, requested: list[ModelToolCall], budget: ToolBudget
     ) -> list[conversation_pb2.ToolCall]:
         """The tool calls of one step, a few at a time and within the turn's budget; a failing
-        service fails the turn."""
+        service fails the turn. The calls past the budget are refused in one go (counted and
+        audited once per tool), without a task each: the loop is every turn's."""
         admitted = budget.admit(len(requested))
-        slots = asyncio.Semaphore(self._tool_concurrency)
 
-        async def run(call: ModelToolCall, refusal: str | None) -> conversation_pb2.ToolCall:
-            if refusal is None:
-                async with slots:
-                    return await self._run_tool(caller, call, budget)
-            tools.account(call.name, tools.ToolContext(caller, self._tasks), "refused", "tool_budget")
-            return history.tool_call(tool_name(call), recorded_arguments(call.arguments), error=refusal)
+        async def run(call: ModelToolCall) -> conversation_pb2.ToolCall:
+            async with self._tool_slots.hold(caller.user_id):
+                return await self._run_tool(caller, call, budget)
 
-        outcomes = await asyncio.gather(
-            *(run(call, refusal) for call, refusal in zip(requested, admitted, strict=True)), return_exceptions=True
-        )
+        to_run = [call for call, refusal in zip(requested, admitted, strict=True) if refusal is None]
         ran: list[conversation_pb2.ToolCall] = []
-        for outcome in outcomes:
+        for outcome in await asyncio.gather(*(run(call) for call in to_run), return_exceptions=True):
             if isinstance(outcome, BaseException):
                 raise outcome
             ran.append(outcome)
-        return ran
+        refused = Counter(call.name for call, refusal in zip(requested, admitted, strict=True) if refusal is not None)
+        tools.account_refused(refused, tools.ToolContext(caller, self._tasks), "tool_budget")
+        results = iter(ran)
+        return [
+            next(results)
+            if refusal is None
+            else history.tool_call(tool_name(call), recorded_arguments(call.arguments), error=refusal)
+            for call, refusal in zip(requested, admitted, strict=True)
+        ]
 
     async def _run_tool(
         self, caller: Caller, requested: ModelToolCall, budget: ToolBudget
@@ -601,20 +611,24 @@ def recorded_arguments(raw: str) -> dict[str, Any]:
 
 
 def step_messages(
-    text: str, requested: list[ModelToolCall], outcomes: list[conversation_pb2.ToolCall]
+    text: str, requested: list[ModelToolCall], outcomes: list[conversation_pb2.ToolCall], cut: bool = False
 ) -> list[dict[str, Any]]:
     """What the model is told of its step: its tool-call message and each result.
 
     Of the calls refused by the budget only the first is echoed (its error says how many more
     were not run): a step asking for a thousand calls would otherwise make every later request
-    of the turn carry a thousand calls and results, and the agent's CPU would go to that."""
+    of the turn carry a thousand calls and results, and the agent's CPU would go to that. `cut`:
+    the step asked for more calls than were read (ModelReply.calls_cut)."""
     shown = [(call, ran) for call, ran in zip(requested, outcomes, strict=True) if not was_refused(ran)]
     refused = [(call, ran) for call, ran in zip(requested, outcomes, strict=True) if was_refused(ran)]
     results = [history.outcome_of(ran) for _, ran in shown]
     if refused:
         first_call, first_refusal = refused[0]
         shown.append((first_call, first_refusal))
-        more = f" ({len(refused) - 1} more calls of this step were not run either)" if len(refused) > 1 else ""
+        if cut:
+            more = f" ({len(refused) - 1} more calls of this step were not run either, nor any after them)"
+        else:
+            more = f" ({len(refused) - 1} more calls of this step were not run either)" if len(refused) > 1 else ""
         results.append({"error": first_refusal.error + more})
     messages = [assistant_step(text, [call for call, _ in shown])]
     messages += [
@@ -622,6 +636,13 @@ def step_messages(
         for (call, _), result in zip(shown, results, strict=True)
     ]
     return messages
+
+
+def not_carried_out(unrecorded: int, cut: bool) -> str:
+    """The answer's note on the calls a turn neither ran nor listed one by one."""
+    if cut:  # the step's answer was not read to its end: how many it asked for is unknown
+        return "(More requested actions were not carried out: too many at once.)"
+    return f"({unrecorded} more requested actions were not carried out: too many at once.)"
 
 
 def assistant_step(text: str, calls: list[ModelToolCall]) -> dict[str, Any]:

@@ -67,6 +67,9 @@ class ModelToolCall:
 class ModelReply:
     text: str = ""
     tool_calls: list[ModelToolCall] = field(default_factory=list)
+    # The model asked for more calls than the step reads (`step(max_tool_calls=...)`): the rest
+    # of its answer was not read.
+    calls_cut: bool = False
 
 
 OnText = Callable[[str], Awaitable[None]]
@@ -86,8 +89,13 @@ class ModelClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def step(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], on_text: OnText) -> ModelReply:
-        """One streamed completion; text pieces go to `on_text` as they arrive."""
+    async def step(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], on_text: OnText, max_tool_calls: int = 0
+    ) -> ModelReply:
+        """One streamed completion; text pieces go to `on_text` as they arrive. With
+        `max_tool_calls`, reading stops when the model starts one call more than that (the
+        reply says `calls_cut`): a step asking for a thousand calls would otherwise cost the
+        agent the parsing of every one, on the loop all turns share, for calls it will not run."""
         spoke = False
 
         async def tracked(piece: str) -> None:
@@ -97,7 +105,7 @@ class ModelClient:
 
         for attempt in range(1, self.attempts + 1):
             try:
-                return await self._stream(messages, tools, tracked)
+                return await self._stream(messages, tools, tracked, max_tool_calls)
             except openai.APIError as error:
                 log_failure(self.model, attempt, error)
                 delay = retry_delay(error, attempt)
@@ -130,7 +138,9 @@ class ModelClient:
             return Unavailable("the model is unavailable; try again later")
         return Unavailable("the model failed while answering; try again later")  # an error event inside the stream
 
-    async def _stream(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], on_text: OnText) -> ModelReply:
+    async def _stream(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], on_text: OnText, max_tool_calls: int
+    ) -> ModelReply:
         # The SDK's documented raw `post`, with the same path, auth and chunk types as
         # `chat.completions.create`, minus its walk of every message against its typed params:
         # our dicts already are the wire JSON, and that walk was 30-45% of the agent's CPU per
@@ -151,7 +161,7 @@ class ModelClient:
                 stream=True,
                 stream_cls=AsyncStream[ChatCompletionChunk],
             )
-            async with stream:
+            async with stream:  # leaving it early closes the response: the server stops sending
                 async for chunk in stream:
                     if chunk.usage is not None:
                         measured.tokens(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
@@ -164,6 +174,11 @@ class ModelClient:
                             await on_text(delta.content)
                         for fragment in delta.tool_calls or []:
                             _merge_fragment(calls, fragment)
+                    if max_tool_calls and len(calls) > max_tool_calls:
+                        for index in sorted(calls)[max_tool_calls:]:  # too many, perhaps only begun
+                            del calls[index]
+                        reply.calls_cut = True
+                        break
         reply.tool_calls = [call for _, call in sorted(calls.items()) if call.kind == "function"]
         return reply
 

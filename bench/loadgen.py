@@ -9,7 +9,8 @@ When either is high, the latencies it measured include its own queueing, and the
 (`self_bottleneck`).
 
 Job fields: base_url, secret, scenario (see SCENARIOS), concurrency, duration (s) and/or
-requests_per_client, user_prefix, one_user (every client the same user), timeout (s per request), ramp_seconds (start the clients
+requests_per_client, user_prefix, one_user (every client the same user), honor_retry_after (a
+refused client waits its Retry-After before the next request), timeout (s per request), ramp_seconds (start the clients
 spread over this long instead of all at once), think_mean_seconds (before every request, the
 first one included, each client pauses for an exponentially distributed time of this mean: users
 who read and type, not a closed loop), max_latencies.
@@ -320,6 +321,8 @@ async def drive(client: Client, step: Callable[[Client], Awaitable[None]], job: 
         except Refused as refusal:  # one request: timed from its write (see first_sends below)
             written = max(started, client.connection.written_at)
             tally.refused((time.perf_counter() - written) * 1000, refusal.status)
+            if job.get("honor_retry_after"):  # as a client told when to come back does
+                await asyncio.sleep(float(refusal.retry_after))
         except TimeoutError:
             tally.error(f"timeout after {timeout}s", "timeout")
             client.connection.close()

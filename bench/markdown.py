@@ -604,19 +604,35 @@ def _errors(results: Results) -> str:
     return "\n".join(lines)
 
 
+FANOUT_LIMITS = {
+    "production": "the defaults (RATE_LIMIT_* of common/settings.py)",
+    "raised": "raised out of the way (the main stack)",
+}
+
+
 def _fanout_table(results: Results) -> str:
-    row = results.fanout
-    quiet = "n/a" if row["quiet_p50"] is None else f"{row['quiet_p50']:.1f} / {row['quiet_p99']:.1f}"
     lines = [
-        "| one account's turns at once (1,000 tool calls asked in each) | answered / refused (429) / errors "
-        "| attack turn p50 ms | ordinary user's turns (errors) | their p50 / p99 ms under attack | quiet p50 / p99 ms |",
-        "|---|---|---|---|---|---|",
-        f"| {row['attackers']} | {row['attack_ok']} / {row.get('attack_refused', 0)} / {row['attack_errors']} "
-        f"| {row['attack_p50']:.0f} "
-        f"| {row['victim_turns']} ({row['victim_errors']}) | {row['victim_p50']:.1f} / {row['victim_p99']:.1f} | {quiet} |",
+        "| rate limits | one account's connections (1,000 tool calls asked in each turn) | attack turns answered "
+        "/ refused (429) / errors | attack turn p50 ms | ordinary users | their turns under attack (errors) "
+        "| their p50 / p99 ms under attack | quiet just before: turns (errors), p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    if row["attack_error_samples"]:
-        lines.append(f"\nattack errors, e.g.: {row['attack_error_samples']}")
+    for row in results.fanout:
+        users = (
+            f"{row['users']}, a turn after a pause of mean {row['pause']:g} s"
+            if row["pause"]
+            else (f"{row['users']}, turns one after another")
+        )
+        lines.append(
+            f"| {FANOUT_LIMITS[row['limits']]} | {row['attackers']} for {row['seconds']:g} s "
+            f"| {row['attack_ok']} / {row.get('attack_refused', 0)} / {row['attack_errors']} | {row['attack_p50']:.0f} "
+            f"| {users} | {row['victim_turns']} ({row['victim_errors']}) "
+            f"| {row['victim_p50']:.1f} / {row['victim_p99']:.1f} "
+            f"| {row['quiet_turns']} ({row['quiet_errors']}), {row['quiet_p50']:.1f} / {row['quiet_p99']:.1f} |"
+        )
+    for row in results.fanout:
+        if row["attack_error_samples"]:
+            lines.append(f"\nattack errors ({row['limits']} limits), e.g.: {row['attack_error_samples']}")
     return "\n".join(lines)
 
 
@@ -703,13 +719,16 @@ def render(
         "",
         "## The fan-out attack (issue 20): turns asking for 1,000 tool calls beside an ordinary user",
         "",
-        "One account sends its turns all at once (the attack of issue 20), each on its own connection, and "
-        "every turn's model asks for 1,000 add_task calls in one step. The agent admits "
-        "AGENT_MAX_TURNS_PER_USER (4) of that user's turns at a time (the rest: 429 with Retry-After) and runs "
-        "at most AGENT_MAX_TOOL_CALLS_PER_STEP (20) calls of a step and AGENT_MAX_TOOL_CALLS_PER_TURN (50) of a "
-        "turn, AGENT_TOOL_CONCURRENCY at a time. Meanwhile one ordinary user sends add-task turns one after "
-        "another. (The bench raises the rate limits out of the way; in production the attacker's write "
-        "budget also runs out.)",
+        "One account sends its turns from many connections at once (the attack of issue 20) and keeps "
+        "sending them for the whole run (a refused turn comes back after its Retry-After); every turn's model "
+        "asks for 1,000 add_task calls in one step. The agent admits AGENT_MAX_TURNS_PER_USER of that user's "
+        "turns at a time (the rest: 429 with Retry-After), runs AGENT_TOOL_CONCURRENCY of that user's tool calls "
+        "at a time across all of their turns, at most AGENT_MAX_TOOL_CALLS_PER_STEP of a step and "
+        "AGENT_MAX_TOOL_CALLS_PER_TURN of a turn, and reads a step's answer no further than the calls it can run "
+        "or record. Meanwhile ordinary users chat, first quiet, then as long under the attack. With the "
+        "production rate limits (the attack as it would land) the attacker's chat and write budgets run out "
+        "too, and the ordinary users send a turn after a pause (within their own chat budget); with the limits "
+        "raised, the bounds alone stand between the attacker and one user who chats as fast as it can.",
         "",
         _fanout_table(results) if results.fanout else "not run",
         "",

@@ -46,6 +46,7 @@ from bench.harness import (
     scratch_dir,
 )
 from bench.procs import BENCH_PROCESSES, Peaks, Sampler, cpu_by_name, descendants, process_name
+from common.settings import Settings
 
 TASK_OPS = ["task_create", "task_get", "task_list", "task_update", "task_complete"]
 MODEL_STEPS_PER_TURN = 2  # tool call, then text
@@ -62,7 +63,14 @@ class Sizes:
     session_model_seconds: float
     profile_seconds: float
     fanout_attackers: int = 30  # the attack of issue 20: a whole chat budget of fan-out turns
-    fanout_victim_turns: int = 20
+    # The ordinary user's sequential turns run this long quiet, then as long under the attack,
+    # which keeps going for the whole time (refused turns come back after their Retry-After).
+    fanout_seconds: float = 10.0
+    # The same attack on a stack with the production rate limits: ordinary users who each send
+    # a turn after a pause (mean this long, within the chat budget), quiet and then under attack.
+    fanout_users: int = 16
+    fanout_users_pause_seconds: float = 2.0
+    fanout_limited_seconds: float = 30.0
     # Issue 17: sequential turns per stack and round; every round runs every stack, rotated.
     tracing_turns: int = 25
     tracing_rounds: int = 30
@@ -90,7 +98,10 @@ QUICK = Sizes(
     1.0,
     0,
     fanout_attackers=3,
-    fanout_victim_turns=3,
+    fanout_seconds=1.0,
+    fanout_users=2,
+    fanout_users_pause_seconds=0.2,
+    fanout_limited_seconds=1.0,
     tracing_turns=5,
     tracing_rounds=2,
     tracing_settle_seconds=0.3,
@@ -112,7 +123,7 @@ class Results:
     ceilings: list[dict[str, Any]] = field(default_factory=list)
     chat: list[dict[str, Any]] = field(default_factory=list)
     sessions: list[dict[str, Any]] = field(default_factory=list)
-    fanout: dict[str, Any] = field(default_factory=dict)
+    fanout: list[dict[str, Any]] = field(default_factory=list)
     replicas: list[dict[str, Any]] = field(default_factory=list)
     tracing: dict[str, Any] = field(default_factory=dict)
     thinktime: dict[str, Any] = field(default_factory=dict)
@@ -250,34 +261,68 @@ def chat_phases(results: Results, stack: StackHandle, model: ModelServer) -> Non
             results.chat.append(result)
 
 
-def fanout_phase(results: Results, stack: StackHandle, model: ModelServer) -> None:
-    """Attackers each send one turn whose model step asks for FANOUT_CALLS tool calls, all at
-    once, while one ordinary user sends add-task turns one after another: the tool budget
-    (AGENT_MAX_TOOL_CALLS_PER_STEP/_PER_TURN) must keep that user's latency near its quiet value
-    and the attackers' turns must end in answers, not 5xx."""
+def fanout_phase(results: Results, stack: StackHandle, model: ModelServer, workdir: Path) -> None:
+    """One account keeps sending turns whose model step asks for FANOUT_CALLS tool calls, from
+    `fanout_attackers` connections at once, while ordinary users chat. The per-user turn bound
+    (AGENT_MAX_TURNS_PER_USER), the per-user tool concurrency and the tool budget must keep their
+    latency at its quiet value (measured just before, on the same stack), and the attacker's turns
+    must end in answers or 429s, not 5xx. Twice: on a stack with the production rate limits (the
+    attack as it would land), and on the main stack, whose limits are raised out of the way (what
+    the bounds alone do), with one user chatting as fast as it can."""
     sizes = results.sizes
     model.set_delay(0.0)
-    # One account, as in the attack: its turns in parallel, each on its own connection.
+    with open_stack("postgres", model.url, workdir / "fanout", extra_env=PRODUCTION_RATE_LIMITS) as limited:
+        results.stacks.append(f"fan-out, production rate limits: {limited.kind}")
+        ordinary = {"think_mean_seconds": sizes.fanout_users_pause_seconds, "duration": sizes.fanout_limited_seconds}
+        results.fanout.append(
+            fanout_run(results, limited, "production", sizes.fanout_limited_seconds, sizes.fanout_users, ordinary)
+        )
+    raised = {"duration": sizes.fanout_seconds}
+    results.fanout.append(fanout_run(results, stack, "raised", sizes.fanout_seconds, 1, raised))
+
+
+# What a deployment has (common/settings.py's defaults), instead of the bench's raised limits.
+_DEFAULTS = Settings.load({})
+PRODUCTION_RATE_LIMITS = {
+    "RATE_LIMIT_WRITES_PER_MINUTE": str(_DEFAULTS.rate_limit_writes_per_minute),
+    "RATE_LIMIT_CHAT_PER_MINUTE": str(_DEFAULTS.rate_limit_chat_per_minute),
+    "RATE_LIMIT_READS_PER_MINUTE": str(_DEFAULTS.rate_limit_reads_per_minute),
+}
+
+
+def fanout_run(
+    results: Results, stack: StackHandle, limits: str, seconds: float, users: int, ordinary: dict[str, Any]
+) -> dict[str, Any]:
+    """The ordinary users quiet, then under the attack for as long; the row of the fan-out table."""
+    sizes = results.sizes
+    users_name = f"pg-fanout-{limits}-user"
+    quiet = measure(results, job(stack, "chat_add", users, users_name, **ordinary))
+    # One account, as in the attack: its turns in parallel, each on its own connection, for
+    # longer than the ordinary users' run; a refused turn is sent again after its Retry-After (a
+    # client hammering 429s is a request flood, which the chat rate limit answers, not this attack).
     attack = job(
         stack,
         "chat_fanout",
         sizes.fanout_attackers,
-        "pg-fanout-attack",
-        requests_per_client=1,
+        f"pg-fanout-{limits}-attack",
+        duration=seconds + 1.5,
         timeout=150,
         one_user=True,
+        honor_retry_after=True,
     )
-    victim = job(stack, "chat_add", 1, "pg-fanout-victim", requests_per_client=sizes.fanout_victim_turns)
-    log(f"fan-out: {sizes.fanout_attackers} attackers, one user's {sizes.fanout_victim_turns} turns beside them")
+    log(f"fan-out ({limits} rate limits): {sizes.fanout_attackers} connections of one account, {users} user(s)")
     with ThreadPoolExecutor(1) as pool:
         attacking = pool.submit(run_loadgen, attack)
         time.sleep(0.5)  # the attack's turns are under way
-        under_attack = measure(results, victim)
+        under_attack = measure(results, job(stack, "chat_add", users, users_name, **ordinary))
         attacked = attacking.result()
     latencies = sorted(attacked.pop("latencies_ms"))
-    quiet = next((row for row in results.chat if row["turn"] == "add" and row["clients"] == 1), {})
-    results.fanout = {
+    return {
+        "limits": limits,
         "attackers": sizes.fanout_attackers,
+        "seconds": seconds,
+        "users": users,
+        "pause": ordinary.get("think_mean_seconds", 0.0),
         "attack_ok": attacked["ok"],
         "attack_errors": attacked["errors"],
         "attack_refused": attacked.get("refused", 0),
@@ -287,8 +332,10 @@ def fanout_phase(results: Results, stack: StackHandle, model: ModelServer) -> No
         "victim_errors": under_attack["errors"],
         "victim_p50": under_attack["p50"],
         "victim_p99": under_attack["p99"],
-        "quiet_p50": quiet.get("p50"),
-        "quiet_p99": quiet.get("p99"),
+        "quiet_turns": quiet["count"],
+        "quiet_errors": quiet["errors"],
+        "quiet_p50": quiet["p50"],
+        "quiet_p99": quiet["p99"],
     }
 
 
@@ -661,7 +708,7 @@ def run(options: Options) -> str:
             elif "chat" in wanted:
                 chat_phases(results, stack, model)
             if stack.has_chat and "fanout" in wanted:
-                fanout_phase(results, stack, model)
+                fanout_phase(results, stack, model, workdir)
             if stack.has_chat and "tracing" in wanted:
                 tracing_phase(results, model, workdir)
             if stack.has_chat and "thinktime" in wanted:

@@ -278,11 +278,11 @@ def chat_turn(outcome: str | grpc.StatusCode) -> None:
     _chat_turns.get(outcome).inc()
 
 
-def tool_call(tool: str, outcome: str) -> None:
+def tool_call(tool: str, outcome: str, calls: int = 1) -> None:
     """Count one tool call: outcome "ok", "error" (the tool refused the call: bad arguments, no
     such task...), "refused" (not run: the turn's budget) or "failed" (a service failed under it).
     Pass a known tool's name; unknown names the model invents should be passed as "unknown"."""
-    _tool_calls.get(tool, outcome).inc()
+    _tool_calls.get(tool, outcome).inc(calls)
 
 
 def rate_limited(bucket: str) -> None:

@@ -114,7 +114,7 @@ class Settings:
         "AGENT_MAX_TOOL_CALLS_PER_TURN", 50, "Tool calls run in one chat turn, all steps together."
     )
     agent_tool_concurrency: int = setting(
-        "AGENT_TOOL_CONCURRENCY", 4, "Tool calls of one step that run at the same time."
+        "AGENT_TOOL_CONCURRENCY", 4, "Tool calls of one user that run at the same time, across all their turns."
     )
     agent_max_turns_in_progress: int = setting(
         "AGENT_MAX_TURNS_IN_PROGRESS",

@@ -148,18 +148,32 @@ def test_one_step_runs_at_most_the_per_step_budget(limited: Limited, chat: ChatS
 def test_a_step_asking_for_a_thousand_calls_is_answered_and_stored_within_bounds(
     limited: Limited, chat: ChatServer
 ) -> None:
-    """The attack of issue 20: the turn is answered (not a 5xx, not a broken connection); what is
-    stored keeps within conversation_service's 100 tool calls; the rest are counted in the text."""
+    """The attack of issue 20: the turn is answered (not a 5xx, not a broken connection); the
+    model's answer is read only up to the calls that can run and the refusals worth recording;
+    what is stored keeps within conversation_service's 100 tool calls; the text says the rest
+    were not carried out, and the refusals are audited in one record, not one each."""
     user, key = new_user(), new_key()
     chat.script(key, adds(1000, "x"), model.text("Some of them."))
 
     reply = ask(limited.agent, user, f"add a thousand [[{key}]]")
 
     assert len(user_tasks(limited, user)) == PER_STEP
-    assert len(reply.tool_calls) == 40  # 20 ran, the first 20 refusals recorded
-    assert "960 more requested actions were not carried out" in reply.response
+    assert len(reply.tool_calls) == 40  # 20 ran, 20 refusals recorded; the rest were not read
+    assert json_format.MessageToDict(reply.tool_calls[-1].arguments) == {"title": "x 39"}
+    assert reply.response.startswith("Some of them.")
+    assert "More requested actions were not carried out: too many at once." in reply.response
     stored = stored_messages(limited, user, reply.conversation_id)
     assert [m.role for m in stored] == ["user", "assistant"] and len(stored[1].tool_calls) == 40
+    # The model hears of its 20 runs and one refusal that speaks for the rest.
+    tool_messages = [m for m in chat.received(key)[1].messages if m["role"] == "tool"]
+    assert len(tool_messages) == PER_STEP + 1
+    assert "19 more calls of this step were not run either, nor any after them" in tool_messages[-1]["content"]
+    refusals = [
+        record
+        for record in log_records(limited.agent_log, "tool_call")
+        if record.get("user") == user and record.get("outcome") == "refused"
+    ]
+    assert [(r["tool"], r["reason"], r["calls"]) for r in refusals] == [("add_task", "tool_budget", 20)]
 
 
 def test_a_turn_runs_at_most_the_per_turn_budget(limited: Limited, chat: ChatServer) -> None:

@@ -7,6 +7,7 @@ registered below) and appears on its surfaces without further code.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import grpc
@@ -29,6 +30,7 @@ __all__ = [
     "ToolContext",
     "ToolError",
     "account",
+    "account_refused",
     "execute",
     "for_surface",
     "is_write",
@@ -73,6 +75,26 @@ def account(name: str, context: ToolContext, outcome: str, reason: str = "") -> 
     audit.record(
         "tool_call", tool=label, user=context.caller.user_id, surface=context.source, outcome=outcome, reason=reason
     )
+
+
+def account_refused(names: Counter[str], context: ToolContext, reason: str) -> None:
+    """Calls refused before they ran (the turn's tool budget), counted as one per call and
+    audited as one record per tool with their number: a step asking for a thousand calls
+    writes a line, not a thousand."""
+    refused: Counter[str] = Counter()
+    for name, count in names.items():
+        refused[name if name in TOOLS else "unknown"] += count
+    for label, count in refused.items():
+        metrics.tool_call(label, "refused", count)
+        audit.record(
+            "tool_call",
+            tool=label,
+            user=context.caller.user_id,
+            surface=context.source,
+            outcome="refused",
+            reason=reason,
+            calls=count,
+        )
 
 
 async def _run(name: str, raw_arguments: str | dict[str, Any] | None, context: ToolContext) -> Any:
