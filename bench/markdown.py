@@ -263,14 +263,43 @@ def _earlier_targets(results: Results) -> list[Row]:
     return rows
 
 
+# Issue 20: "another user's turn latency stays unaffected" under the fan-out attack, read as
+# within these factors of the same users quiet on the same stack, in the windows between (two
+# quiet runs of ~240 turns differed by 1.5x at p99, which is about the largest value among them).
+FANOUT_P50_FACTOR = 1.2
+FANOUT_P99_FACTOR = 1.5
+
+
+def _fanout_targets(results: Results) -> list[Row]:
+    row = _find(results.fanout, limits="production")
+    if row is None:
+        return []
+    p50_ratio = row["victim_p50"] / row["quiet_p50"] if row["quiet_p50"] else float("inf")
+    p99_ratio = row["victim_p99"] / row["quiet_p99"] if row["quiet_p99"] else float("inf")
+    clean = row["victim_errors"] == 0 and row["quiet_errors"] == 0 and row["attack_errors"] == 0
+    return [
+        (
+            "fan-out attack (issue 20), production rate limits: ordinary users' turns under the attack "
+            "against the same users quiet, in alternating windows; the attacker's turns answered or 429, none failed",
+            f"p50 ≤ {FANOUT_P50_FACTOR:g}x, p99 ≤ {FANOUT_P99_FACTOR:g}x, 0 errors",
+            f"p50 {row['victim_p50']:.1f} vs {row['quiet_p50']:.1f} ms ({p50_ratio:.2f}x), "
+            f"p99 {row['victim_p99']:.1f} vs {row['quiet_p99']:.1f} ms ({p99_ratio:.2f}x), "
+            f"errors {row['victim_errors']} + {row['quiet_errors']} (users), {row['attack_errors']} (attack)",
+            _verdict(p50_ratio <= FANOUT_P50_FACTOR and p99_ratio <= FANOUT_P99_FACTOR and clean),
+        )
+    ]
+
+
 def targets(results: Results) -> list[Row]:
-    """Issue 19's targets (and issue 17's tracing budget), then the earlier round's session rows."""
+    """Issue 19's targets (and issue 17's tracing budget, issue 20's fan-out), then the earlier
+    round's session rows."""
     return [
         *_chat_targets(results),
         *_task_targets(results),
         *_memory_targets(results),
         *_load_targets(results),
         *_tracing_targets(results),
+        *_fanout_targets(results),
         *_earlier_targets(results),
     ]
 
@@ -610,11 +639,16 @@ FANOUT_LIMITS = {
 }
 
 
+def _windows(row: dict[str, Any]) -> str:
+    windows = row.get("windows", 1)
+    return f" (in {windows} windows)" if windows > 1 else ""
+
+
 def _fanout_table(results: Results) -> str:
     lines = [
         "| rate limits | one account's connections (1,000 tool calls asked in each turn) | attack turns answered "
         "/ refused (429) / errors | attack turn p50 ms | ordinary users | their turns under attack (errors) "
-        "| their p50 / p99 ms under attack | quiet just before: turns (errors), p50 / p99 ms |",
+        "| their p50 / p99 ms under attack | quiet (the windows between): turns (errors), p50 / p99 ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in results.fanout:
@@ -624,7 +658,7 @@ def _fanout_table(results: Results) -> str:
             else (f"{row['users']}, turns one after another")
         )
         lines.append(
-            f"| {FANOUT_LIMITS[row['limits']]} | {row['attackers']} for {row['seconds']:g} s "
+            f"| {FANOUT_LIMITS[row['limits']]} | {row['attackers']} for {row['seconds']:g} s{_windows(row)} "
             f"| {row['attack_ok']} / {row.get('attack_refused', 0)} / {row['attack_errors']} | {row['attack_p50']:.0f} "
             f"| {users} | {row['victim_turns']} ({row['victim_errors']}) "
             f"| {row['victim_p50']:.1f} / {row['victim_p99']:.1f} "
@@ -725,7 +759,9 @@ def render(
         "turns at a time (the rest: 429 with Retry-After), runs AGENT_TOOL_CONCURRENCY of that user's tool calls "
         "at a time across all of their turns, at most AGENT_MAX_TOOL_CALLS_PER_STEP of a step and "
         "AGENT_MAX_TOOL_CALLS_PER_TURN of a turn, and reads a step's answer no further than the calls it can run "
-        "or record. Meanwhile ordinary users chat, first quiet, then as long under the attack. With the "
+        "or record. Meanwhile ordinary users chat, quiet and then as long under the attack, in alternating "
+        "windows (their percentiles pooled over the windows), so that a drift in the machine's speed weighs on "
+        "both alike. With the "
         "production rate limits (the attack as it would land) the attacker's chat and write budgets run out "
         "too, and the ordinary users send a turn after a pause (within their own chat budget); with the limits "
         "raised, the bounds alone stand between the attacker and one user who chats as fast as it can.",

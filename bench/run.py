@@ -71,6 +71,8 @@ class Sizes:
     fanout_users: int = 16
     fanout_users_pause_seconds: float = 2.0
     fanout_limited_seconds: float = 30.0
+    # Quiet and attacked alternate this many times (each way `seconds / fanout_windows` long).
+    fanout_windows: int = 3
     # Issue 17: sequential turns per stack and round; every round runs every stack, rotated.
     tracing_turns: int = 25
     tracing_rounds: int = 30
@@ -102,6 +104,7 @@ QUICK = Sizes(
     fanout_users=2,
     fanout_users_pause_seconds=0.2,
     fanout_limited_seconds=1.0,
+    fanout_windows=1,
     tracing_turns=5,
     tracing_rounds=2,
     tracing_settle_seconds=0.3,
@@ -293,49 +296,61 @@ PRODUCTION_RATE_LIMITS = {
 def fanout_run(
     results: Results, stack: StackHandle, limits: str, seconds: float, users: int, ordinary: dict[str, Any]
 ) -> dict[str, Any]:
-    """The ordinary users quiet, then under the attack for as long; the row of the fan-out table."""
+    """The ordinary users quiet, then under the attack, in `fanout_windows` alternations that
+    share `seconds` each way (a machine whose speed drifts then weighs on both alike); the row of
+    the fan-out table, percentiles over every window's turns."""
     sizes = results.sizes
+    windows = max(1, sizes.fanout_windows)
+    window = {**ordinary, "duration": seconds / windows}
     users_name = f"pg-fanout-{limits}-user"
-    quiet = measure(results, job(stack, "chat_add", users, users_name, **ordinary))
-    # One account, as in the attack: its turns in parallel, each on its own connection, for
-    # longer than the ordinary users' run; a refused turn is sent again after its Retry-After (a
-    # client hammering 429s is a request flood, which the chat rate limit answers, not this attack).
-    attack = job(
-        stack,
-        "chat_fanout",
-        sizes.fanout_attackers,
-        f"pg-fanout-{limits}-attack",
-        duration=seconds + 1.5,
-        timeout=150,
-        one_user=True,
-        honor_retry_after=True,
-    )
+    quiet: list[dict[str, Any]] = []
+    under_attack: list[dict[str, Any]] = []
+    attacked: list[dict[str, Any]] = []
     log(f"fan-out ({limits} rate limits): {sizes.fanout_attackers} connections of one account, {users} user(s)")
-    with ThreadPoolExecutor(1) as pool:
-        attacking = pool.submit(run_loadgen, attack)
-        time.sleep(0.5)  # the attack's turns are under way
-        under_attack = measure(results, job(stack, "chat_add", users, users_name, **ordinary))
-        attacked = attacking.result()
-    latencies = sorted(attacked.pop("latencies_ms"))
+    for _ in range(windows):
+        quiet.append(measure(results, job(stack, "chat_add", users, users_name, **window)))
+        # One account, as in the attack: its turns in parallel, each on its own connection, for
+        # longer than the ordinary users' window; a refused turn is sent again after its
+        # Retry-After (a client hammering 429s is a request flood, which the chat rate limit
+        # answers, not this attack).
+        attack = job(
+            stack,
+            "chat_fanout",
+            sizes.fanout_attackers,
+            f"pg-fanout-{limits}-attack",
+            duration=window["duration"] + 1.5,
+            timeout=150,
+            one_user=True,
+            honor_retry_after=True,
+        )
+        with ThreadPoolExecutor(1) as pool:
+            attacking = pool.submit(run_loadgen, attack)
+            time.sleep(0.5)  # the attack's turns are under way
+            under_attack.append(measure(results, job(stack, "chat_add", users, users_name, **window)))
+            attacked.append(attacking.result())
+    attack_latencies = [ms for run in attacked for ms in run.pop("latencies_ms")]
+    quiet_latencies = [ms for run in quiet for ms in run["_latencies"]]
+    attacked_latencies = [ms for run in under_attack for ms in run["_latencies"]]
     return {
         "limits": limits,
         "attackers": sizes.fanout_attackers,
         "seconds": seconds,
+        "windows": windows,
         "users": users,
         "pause": ordinary.get("think_mean_seconds", 0.0),
-        "attack_ok": attacked["ok"],
-        "attack_errors": attacked["errors"],
-        "attack_refused": attacked.get("refused", 0),
-        "attack_error_samples": attacked["error_samples"][:2],
-        "attack_p50": report.percentile(latencies, 0.5),
-        "victim_turns": under_attack["count"],
-        "victim_errors": under_attack["errors"],
-        "victim_p50": under_attack["p50"],
-        "victim_p99": under_attack["p99"],
-        "quiet_turns": quiet["count"],
-        "quiet_errors": quiet["errors"],
-        "quiet_p50": quiet["p50"],
-        "quiet_p99": quiet["p99"],
+        "attack_ok": sum(run["ok"] for run in attacked),
+        "attack_errors": sum(run["errors"] for run in attacked),
+        "attack_refused": sum(run.get("refused", 0) for run in attacked),
+        "attack_error_samples": [sample for run in attacked for sample in run["error_samples"]][:2],
+        "attack_p50": report.percentile(attack_latencies, 0.5),
+        "victim_turns": len(attacked_latencies),
+        "victim_errors": sum(run["errors"] for run in under_attack),
+        "victim_p50": report.percentile(attacked_latencies, 0.5),
+        "victim_p99": report.percentile(attacked_latencies, 0.99),
+        "quiet_turns": len(quiet_latencies),
+        "quiet_errors": sum(run["errors"] for run in quiet),
+        "quiet_p50": report.percentile(quiet_latencies, 0.5),
+        "quiet_p99": report.percentile(quiet_latencies, 0.99),
     }
 
 
