@@ -625,10 +625,12 @@ def step_messages(
     if refused:
         first_call, first_refusal = refused[0]
         shown.append((first_call, first_refusal))
-        if cut:
-            more = f" ({len(refused) - 1} more calls of this step were not run either, nor any after them)"
-        else:
-            more = f" ({len(refused) - 1} more calls of this step were not run either)" if len(refused) > 1 else ""
+        after = ", nor any after them" if cut else ""
+        more = (
+            f" ({len(refused) - 1} more calls of this step were not run either{after})"
+            if len(refused) > 1 or cut
+            else ""
+        )
         results.append({"error": first_refusal.error + more})
     messages = [assistant_step(text, [call for call, _ in shown])]
     messages += [

@@ -640,7 +640,7 @@ FANOUT_LIMITS = {
 
 
 def _windows(row: dict[str, Any]) -> str:
-    windows = row.get("windows", 1)
+    windows = row["windows"]
     return f" (in {windows} windows)" if windows > 1 else ""
 
 
@@ -655,7 +655,7 @@ def _fanout_table(results: Results) -> str:
         users = (
             f"{row['users']}, a turn after a pause of mean {row['pause']:g} s"
             if row["pause"]
-            else (f"{row['users']}, turns one after another")
+            else f"{row['users']}, turns one after another"
         )
         lines.append(
             f"| {FANOUT_LIMITS[row['limits']]} | {row['attackers']} for {row['seconds']:g} s{_windows(row)} "

@@ -63,11 +63,12 @@ class Sizes:
     session_model_seconds: float
     profile_seconds: float
     fanout_attackers: int = 30  # the attack of issue 20: a whole chat budget of fan-out turns
-    # The ordinary user's sequential turns run this long quiet, then as long under the attack,
-    # which keeps going for the whole time (refused turns come back after their Retry-After).
+    # The ordinary user's sequential turns run this long quiet and as long under the attack
+    # (in fanout_windows alternations), which keeps going for the whole time (refused turns come
+    # back after their Retry-After).
     fanout_seconds: float = 10.0
     # The same attack on a stack with the production rate limits: ordinary users who each send
-    # a turn after a pause (mean this long, within the chat budget), quiet and then under attack.
+    # a turn after a pause (mean this long, within the chat budget), quiet and under attack.
     fanout_users: int = 16
     fanout_users_pause_seconds: float = 2.0
     fanout_limited_seconds: float = 30.0
@@ -268,7 +269,7 @@ def fanout_phase(results: Results, stack: StackHandle, model: ModelServer, workd
     """One account keeps sending turns whose model step asks for FANOUT_CALLS tool calls, from
     `fanout_attackers` connections at once, while ordinary users chat. The per-user turn bound
     (AGENT_MAX_TURNS_PER_USER), the per-user tool concurrency and the tool budget must keep their
-    latency at its quiet value (measured just before, on the same stack), and the attacker's turns
+    latency at its quiet value (measured in alternating windows on the same stack), and the attacker's turns
     must end in answers or 429s, not 5xx. Twice: on a stack with the production rate limits (the
     attack as it would land), and on the main stack, whose limits are raised out of the way (what
     the bounds alone do), with one user chatting as fast as it can."""
@@ -276,12 +277,11 @@ def fanout_phase(results: Results, stack: StackHandle, model: ModelServer, workd
     model.set_delay(0.0)
     with open_stack("postgres", model.url, workdir / "fanout", extra_env=PRODUCTION_RATE_LIMITS) as limited:
         results.stacks.append(f"fan-out, production rate limits: {limited.kind}")
-        ordinary = {"think_mean_seconds": sizes.fanout_users_pause_seconds, "duration": sizes.fanout_limited_seconds}
+        ordinary = {"think_mean_seconds": sizes.fanout_users_pause_seconds}
         results.fanout.append(
             fanout_run(results, limited, "production", sizes.fanout_limited_seconds, sizes.fanout_users, ordinary)
         )
-    raised = {"duration": sizes.fanout_seconds}
-    results.fanout.append(fanout_run(results, stack, "raised", sizes.fanout_seconds, 1, raised))
+    results.fanout.append(fanout_run(results, stack, "raised", sizes.fanout_seconds, 1, {}))
 
 
 # What a deployment has (common/settings.py's defaults), instead of the bench's raised limits.

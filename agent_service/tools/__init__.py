@@ -68,12 +68,20 @@ async def execute(name: str, raw_arguments: str | dict[str, Any] | None, context
     return result
 
 
-def account(name: str, context: ToolContext, outcome: str, reason: str = "") -> None:
-    """One tool call in the metrics and the audit trail; `outcome`: ok, error, failed or refused."""
-    label = name if name in TOOLS else "unknown"  # a model can make up any name
-    metrics.tool_call(label, outcome)
+def account(name: str, context: ToolContext, outcome: str, reason: str = "", *, calls: int | None = None) -> None:
+    """One tool call in the metrics and the audit trail; `outcome`: ok, error, failed or refused.
+    With `calls`, that many calls of the tool in one record (`account_refused`)."""
+    label = _label(name)
+    metrics.tool_call(label, outcome, calls or 1)
+    counted = {} if calls is None else {"calls": calls}
     audit.record(
-        "tool_call", tool=label, user=context.caller.user_id, surface=context.source, outcome=outcome, reason=reason
+        "tool_call",
+        tool=label,
+        user=context.caller.user_id,
+        surface=context.source,
+        outcome=outcome,
+        reason=reason,
+        **counted,
     )
 
 
@@ -83,18 +91,13 @@ def account_refused(names: Counter[str], context: ToolContext, reason: str) -> N
     writes a line, not a thousand."""
     refused: Counter[str] = Counter()
     for name, count in names.items():
-        refused[name if name in TOOLS else "unknown"] += count
+        refused[_label(name)] += count
     for label, count in refused.items():
-        metrics.tool_call(label, "refused", count)
-        audit.record(
-            "tool_call",
-            tool=label,
-            user=context.caller.user_id,
-            surface=context.source,
-            outcome="refused",
-            reason=reason,
-            calls=count,
-        )
+        account(label, context, "refused", reason, calls=count)
+
+
+def _label(name: str) -> str:
+    return name if name in TOOLS else "unknown"  # a model can make up any name
 
 
 async def _run(name: str, raw_arguments: str | dict[str, Any] | None, context: ToolContext) -> Any:
