@@ -2,8 +2,9 @@
 
 Every model goes through the `openai` SDK, the built-in one too (served in process through
 `httpx2.ASGITransport`), so there is one code path. Requests always stream, so the chat
-stream can forward real text deltas; tool-call argument fragments are put back together by
-their index.
+stream can forward real text deltas; the chunks are read as the JSON the server sent (a field of
+the wrong type is skipped, never a 5xx), and tool-call argument fragments are put back together
+by their index.
 
 Retries are ours, not the SDK's (its `max_retries` is 0): LLM_MAX_RETRIES more attempts on
 connection errors, timeouts, 408, 409, 429 and 5xx, with exponential backoff (0.5 s doubling,
@@ -28,7 +29,7 @@ import grpc
 import httpx2
 import openai
 from openai import AsyncStream
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion
 
 from agent_service.builtin_model import create_app
 from common import metrics, tracing
@@ -159,25 +160,27 @@ class ModelClient:
                 body=body,
                 options={"security": {"bearer_auth": True}, "headers": tracing.inject_headers()},
                 stream=True,
-                stream_cls=AsyncStream[ChatCompletionChunk],
+                # object: the chunks come as the JSON the server sent, not as SDK models. Building
+                # a model per chunk was the largest cost of a streamed answer, and of a step
+                # asking for a thousand calls (all in one event) the whole of it (bench/NOTES.md).
+                stream_cls=AsyncStream[object],
             )
             async with stream:  # leaving it early closes the response: the server stops sending
                 async for chunk in stream:
-                    if chunk.usage is not None:
-                        measured.tokens(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                    for choice in chunk.choices or []:
-                        delta = choice.delta
-                        if delta is None:
-                            continue
-                        if delta.content:
-                            reply.text += delta.content
-                            await on_text(delta.content)
-                        for fragment in delta.tool_calls or []:
-                            _merge_fragment(calls, fragment)
-                    if max_tool_calls and len(calls) > max_tool_calls:
-                        for index in sorted(calls)[max_tool_calls:]:  # too many, perhaps only begun
-                            del calls[index]
-                        reply.calls_cut = True
+                    if not isinstance(chunk, dict):
+                        continue  # not a completion chunk (a stray keep-alive value): nothing to read
+                    usage = chunk.get("usage")
+                    if isinstance(usage, dict):
+                        measured.tokens(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+                    for delta in _deltas(chunk):
+                        content = delta.get("content")
+                        if content and isinstance(content, str):
+                            reply.text += content
+                            await on_text(content)
+                        if _merge_fragments(calls, delta.get("tool_calls"), max_tool_calls):
+                            reply.calls_cut = True
+                            break
+                    if reply.calls_cut:
                         break
         reply.tool_calls = [call for _, call in sorted(calls.items()) if call.kind == "function"]
         return reply
@@ -234,28 +237,66 @@ def log_failure(model: str, attempt: int, error: openai.APIError) -> None:
     log.warning("model request failed", extra=fields)
 
 
-def _merge_fragment(calls: dict[int, ModelToolCall], fragment: Any) -> None:
+def _deltas(chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    """The deltas of a chunk's choices (we ask for one choice; servers may send none)."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return []
+    deltas = (choice.get("delta") for choice in choices if isinstance(choice, dict))
+    return [delta for delta in deltas if isinstance(delta, dict)]
+
+
+def _merge_fragments(calls: dict[int, ModelToolCall], fragments: Any, max_tool_calls: int) -> bool:
+    """Adds a delta's tool-call fragments to the calls they belong to. With `max_tool_calls`,
+    stops at the first fragment of one call more than that (it and any begun after the bound are
+    dropped) and says so: a server may send a thousand calls in one event."""
+    if not isinstance(fragments, list):
+        return False
+    for fragment in fragments:
+        if isinstance(fragment, dict):
+            _merge_fragment(calls, fragment)
+        if max_tool_calls and len(calls) > max_tool_calls:
+            for index in sorted(calls)[max_tool_calls:]:  # too many, perhaps only begun
+                del calls[index]
+            return True
+    return False
+
+
+def _merge_fragment(calls: dict[int, ModelToolCall], fragment: dict[str, Any]) -> None:
     """Adds one streamed tool-call fragment to the call it belongs to (by index)."""
-    index = fragment.index
-    if index is None:  # some servers omit the index: a new id starts a new call, else it continues the last
-        same_id = [i for i, call in calls.items() if fragment.id and call.id == fragment.id]
+    index = fragment.get("index")
+    fragment_id = _text(fragment.get("id"))
+    if not isinstance(
+        index, int
+    ):  # some servers omit the index: a new id starts a new call, else it continues the last
+        same_id = [i for i, call in calls.items() if fragment_id and call.id == fragment_id]
         if same_id:
             index = same_id[0]
-        elif fragment.id:
+        elif fragment_id:
             index = max(calls, default=-1) + 1
         else:
             index = max(calls, default=0)
     call = calls.setdefault(index, ModelToolCall())
-    if fragment.id and not call.id:
-        call.id = fragment.id
-    if fragment.type:
-        call.kind = fragment.type
-    function = fragment.function
-    if function is not None:
-        if function.name and not call.name:
-            call.name = function.name
-        if function.arguments:
-            call.arguments += function.arguments
+    if fragment_id and not call.id:
+        call.id = fragment_id
+    if kind := _text(fragment.get("type")):
+        call.kind = kind
+    function = fragment.get("function")
+    if isinstance(function, dict):
+        name = _text(function.get("name"))
+        if name and not call.name:
+            call.name = name
+        call.arguments += _text(function.get("arguments"))
+
+
+def _count(value: Any) -> int | None:
+    """A token count the server reported, if it is one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _text(value: Any) -> str:
+    """A field the protocol sends as a string; anything else (null, a number) as empty."""
+    return value if isinstance(value, str) else ""
 
 
 def _openai_client(settings: Settings) -> openai.AsyncOpenAI:

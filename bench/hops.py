@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import openai
 from openai import AsyncStream
+from openai._models import construct_type  # what AsyncStream builds each chunk with
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from agent_service import tools
@@ -58,6 +59,40 @@ async def _timed(calls: int, call: Callable[[int], Awaitable[Any]]) -> dict[str,
         await call(number)
         latencies.append((time.perf_counter() - started) * 1000)
     return {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99)}
+
+
+async def fan_out_event_rows(calls: int) -> list[tuple[str, dict[str, float]]]:
+    """What one SSE event carrying a fan-out step's 1,000 calls costs to read (issue 20: the
+    bench model server sends them so), as SDK models and as the JSON the agent reads."""
+    fragments = [
+        {
+            "index": n,
+            "id": f"call_{n}",
+            "type": "function",
+            "function": {"name": "add_task", "arguments": json.dumps({"title": f"x {n}"})},
+        }
+        for n in range(1000)
+    ]
+    delta = {"tool_calls": fragments}
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "bench",
+        "choices": [{"delta": delta}],
+    }
+    event = json.dumps(chunk)
+
+    async def as_models(number: int) -> None:
+        construct_type(type_=ChatCompletionChunk, value=json.loads(event))
+
+    async def as_json(number: int) -> None:
+        json.loads(event)
+
+    return [
+        ("one SSE event of 1,000 tool calls, read as SDK models", await _timed(calls, as_models)),
+        ("same, read as JSON (the agent)", await _timed(calls, as_json)),
+    ]
 
 
 async def measure_hops(
@@ -109,21 +144,23 @@ async def measure_hops(
         async for _chunk in stream:
             pass
 
-    async def raw_step_history(number: int) -> None:
-        # The same request through the SDK's generic post(): skips its per-call TypedDict transform.
-        body = {"model": "bench", "messages": history, "tools": AGENT_TOOLS, "stream": True}
-        stream = await model.post(
-            "/chat/completions",
-            body=body,
-            cast_to=ChatCompletion,
-            stream=True,
-            stream_cls=AsyncStream[ChatCompletionChunk],
-        )
-        async for _chunk in stream:
-            pass
+    def raw_step(chunk_type: Any) -> Callable[[int], Awaitable[None]]:
+        async def step(number: int) -> None:
+            # The same request through the SDK's generic post(): skips its per-call TypedDict
+            # transform; with `object` the chunks also stay the JSON the server sent (the agent's way).
+            body = {"model": "bench", "messages": history, "tools": AGENT_TOOLS, "stream": True}
+            stream = await model.post(
+                "/chat/completions", body=body, cast_to=ChatCompletion, stream=True, stream_cls=AsyncStream[chunk_type]
+            )
+            async for _chunk in stream:
+                pass
+
+        return step
 
     results.append(("openai SDK streamed step, 41-message history", await _timed(calls, model_step_history)))
-    results.append(("same via client.post() (no param transform)", await _timed(calls, raw_step_history)))
+    results.append(("same via client.post() (no param transform)", await _timed(calls, raw_step(ChatCompletionChunk))))
+    results.append(("same, chunks as JSON, not SDK models (the agent)", await _timed(calls, raw_step(object))))
+    results += await fan_out_event_rows(calls)
     await model.close()
     headers = {"authorization": f"Bearer {mint(secret, user, 3600)}", "content-type": "application/json"}
 

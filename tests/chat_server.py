@@ -10,7 +10,7 @@ Like llama.cpp's OpenAI-compatible server, it validates what it is sent: a messa
 `content` is null is refused with a 500 whose body says "Input should be a valid string"
 (the OpenAI API allows null on an assistant tool-call message; that server does not).
 
-Replies: `text(...)`, `tool_calls(...)`, `error(status, headers)`, `hang(seconds)` (no
+Replies: `text(...)`, `tool_calls(...)`, `events(...)`, `error(status, headers)`, `hang(seconds)` (no
 answer at all), `stall(text, seconds)` (starts streaming, then goes silent),
 `trickle(piece, every, seconds)` (streams slowly without ever going silent) and
 `delayed(seconds, reply)`.
@@ -50,8 +50,16 @@ def call(name: str, arguments: str | dict[str, Any], call_id: str = "") -> dict[
     return {"name": name, "arguments": raw, "id": call_id}
 
 
-def tool_calls(*calls: dict[str, Any], content: str = "") -> dict[str, Any]:
-    return {"kind": "tool_calls", "calls": list(calls), "text": content}
+def tool_calls(*calls: dict[str, Any], content: str = "", one_event: bool = False) -> dict[str, Any]:
+    """Calls streamed in pieces, each in its own event, or with `one_event` all whole in a single
+    event (as some servers send a step's calls)."""
+    return {"kind": "tool_calls", "calls": list(calls), "text": content, "one_event": one_event}
+
+
+def events(*payloads: Any) -> dict[str, Any]:
+    """SSE events exactly as given (any JSON value, or raw text), then `[DONE]`: for shapes no
+    well-behaved server sends."""
+    return {"kind": "events", "payloads": list(payloads)}
 
 
 def error(status: int, headers: dict[str, str] | None = None, message: str = "") -> dict[str, Any]:
@@ -194,6 +202,11 @@ def _pieces(value: str, size: int) -> list[str]:
 
 
 async def _sse(model: str, reply: dict[str, Any]) -> AsyncIterator[str]:
+    if reply["kind"] == "events":
+        for payload in reply["payloads"]:
+            yield f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+        yield "data: [DONE]\n\n"
+        return
     yield _chunk(model, {"role": "assistant", "content": ""})
     for piece in _pieces(reply.get("text", ""), TEXT_PIECE):
         yield _chunk(model, {"content": piece})
@@ -204,7 +217,9 @@ async def _sse(model: str, reply: dict[str, Any]) -> AsyncIterator[str]:
         while time.monotonic() < until:
             yield _chunk(model, {"content": reply["piece"]})
             await asyncio.sleep(reply["every"])
-    for index, requested in enumerate(reply.get("calls", [])):
+    if reply.get("one_event"):
+        yield _chunk(model, {"tool_calls": _whole_calls(reply["calls"], streamed=True)})
+    for index, requested in enumerate([] if reply.get("one_event") else reply.get("calls", [])):
         call_id = requested["id"] or f"call_scripted_{index}"
         head = {
             "index": index,
@@ -219,15 +234,22 @@ async def _sse(model: str, reply: dict[str, Any]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _completion(model: str, reply: dict[str, Any]) -> dict[str, Any]:
+def _whole_calls(requested_calls: list[dict[str, Any]], streamed: bool = False) -> list[dict[str, Any]]:
     calls = [
         {
             "id": requested["id"] or f"call_scripted_{index}",
             "type": "function",
             "function": {"name": requested["name"], "arguments": requested["arguments"]},
         }
-        for index, requested in enumerate(reply.get("calls", []))
+        for index, requested in enumerate(requested_calls)
     ]
+    if streamed:  # a streamed call carries its index
+        calls = [{"index": index, **whole} for index, whole in enumerate(calls)]
+    return calls
+
+
+def _completion(model: str, reply: dict[str, Any]) -> dict[str, Any]:
+    calls = _whole_calls(reply.get("calls", []))
     message: dict[str, Any] = {"role": "assistant", "content": reply.get("text") or None}
     if calls:
         message["tool_calls"] = calls

@@ -431,6 +431,33 @@ def test_whatever_the_model_sends_the_turn_is_stored(any_stack: Stack, chat: Cha
 # --- the rest, on SQLite ----------------------------------------------------------------------
 
 
+def test_chunks_of_odd_shapes_are_read_for_what_they_hold(stack: Stack, chat: ChatServer) -> None:
+    """Chunks are read as the JSON the server sent: a field of the wrong type is skipped, never
+    a 5xx, and what is well formed around it still counts."""
+    user, key = new_user(), new_key()
+    odd_call = {"index": "first", "id": 7, "type": None, "function": {"name": ["add_task"], "arguments": None}}
+    chat.script(
+        key,
+        model.events(
+            [1, 2],
+            "42",
+            {"choices": "none"},
+            {"choices": [None, {"delta": None}, {"delta": {"content": 5}}, {"delta": {"content": "Let me"}}]},
+            {"choices": [{"delta": {"content": " see.", "tool_calls": [None, 3, odd_call]}}]},
+            {"choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": True}},
+        ),
+        model.text("Done."),
+    )
+
+    reply = ask(stack.agent, user, f"odd chunks [[{key}]]")
+
+    assert reply.response == "Let me see.\n\nDone."
+    assert [call.name for call in reply.tool_calls] == ["(no name)"] and reply.tool_calls[0].HasField("error")
+    assert user_tasks(stack, user) == []
+    assistant = [m for m in chat.received(key)[1].messages if m["role"] == "assistant"]
+    assert assistant[-1]["content"] == "Let me see."
+
+
 def test_parallel_tool_calls_in_one_step(stack: Stack, chat: ChatServer) -> None:
     user, key = new_user(), new_key()
     chat.script(

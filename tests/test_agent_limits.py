@@ -102,8 +102,9 @@ def frugal(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, c
         yield stack
 
 
-def adds(count: int, prefix: str) -> dict[str, Any]:
-    return model.tool_calls(*(model.call("add_task", {"title": f"{prefix} {n}"}) for n in range(count)))
+def adds(count: int, prefix: str, one_event: bool = False) -> dict[str, Any]:
+    calls = (model.call("add_task", {"title": f"{prefix} {n}"}) for n in range(count))
+    return model.tool_calls(*calls, one_event=one_event)
 
 
 def errors(reply: Any) -> list[str]:
@@ -145,15 +146,17 @@ def test_one_step_runs_at_most_the_per_step_budget(limited: Limited, chat: ChatS
     assert len(echoed["tool_calls"]) == PER_STEP + 1
 
 
+@pytest.mark.parametrize("one_event", [False, True], ids=["call-by-call", "all-in-one-event"])
 def test_a_step_asking_for_a_thousand_calls_is_answered_and_stored_within_bounds(
-    limited: Limited, chat: ChatServer
+    limited: Limited, chat: ChatServer, one_event: bool
 ) -> None:
     """The attack of issue 20: the turn is answered (not a 5xx, not a broken connection); the
-    model's answer is read only up to the calls that can run and the refusals worth recording;
-    what is stored keeps within conversation_service's 100 tool calls; the text says the rest
-    were not carried out, and the refusals are audited in one record, not one each."""
+    model's answer is read only up to the calls that can run and the refusals worth recording
+    (also when the server sends all thousand in one event); what is stored keeps within
+    conversation_service's 100 tool calls; the text says the rest were not carried out, and the
+    refusals are audited in one record, not one each."""
     user, key = new_user(), new_key()
-    chat.script(key, adds(1000, "x"), model.text("Some of them."))
+    chat.script(key, adds(1000, "x", one_event), model.text("Some of them."))
 
     reply = ask(limited.agent, user, f"add a thousand [[{key}]]")
 
