@@ -266,9 +266,8 @@ def _merge_fragment(calls: dict[int, ModelToolCall], fragment: dict[str, Any]) -
     """Adds one streamed tool-call fragment to the call it belongs to (by index)."""
     index = fragment.get("index")
     fragment_id = _text(fragment.get("id"))
-    if not isinstance(
-        index, int
-    ):  # some servers omit the index: a new id starts a new call, else it continues the last
+    # Some servers omit the index: a new id starts a new call, else it continues the last.
+    if not isinstance(index, int):
         same_id = [i for i, call in calls.items() if fragment_id and call.id == fragment_id]
         if same_id:
             index = same_id[0]

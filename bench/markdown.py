@@ -228,14 +228,18 @@ def _tracing_targets(results: Results) -> list[Row]:
     full = tracing["rounds"] * tracing["turns_per_round"] >= 500
     exported = {key: sum((by_key[key]["spans"] or {}).values()) for key in ("c", "d")}
     control = _difference(tracing, "a2")
+    if not full:
+        verdict = NOT_AT_SIZE
+    elif not clean or exported["c"] == 0:
+        verdict = _verdict(False)
+    else:
+        verdict = _budget_verdict(tracing, "c")
     return [
         (
             "metrics + tracing CPU per chat turn (issue 17), the default sampling (TRACING_SAMPLE_PERCENT)",
             "≤ 0.5 ms",
             f"{_difference(tracing, 'c')} (c less the mean of a and a2; {exported['c']} spans exported; control a2 - a: {control})",
-            (_budget_verdict(tracing, "c") if clean and exported["c"] > 0 else _verdict(False))
-            if full
-            else NOT_AT_SIZE,
+            verdict,
         ),
         (
             "(for scale, not a target) the same with every request traced (TRACING_SAMPLE_PERCENT=100)",

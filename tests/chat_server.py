@@ -217,19 +217,14 @@ async def _sse(model: str, reply: dict[str, Any]) -> AsyncIterator[str]:
         while time.monotonic() < until:
             yield _chunk(model, {"content": reply["piece"]})
             await asyncio.sleep(reply["every"])
+    calls = _whole_calls(reply.get("calls", []), streamed=True)
     if reply.get("one_event"):
-        yield _chunk(model, {"tool_calls": _whole_calls(reply["calls"], streamed=True)})
-    for index, requested in enumerate([] if reply.get("one_event") else reply.get("calls", [])):
-        call_id = requested["id"] or f"call_scripted_{index}"
-        head = {
-            "index": index,
-            "id": call_id,
-            "type": "function",
-            "function": {"name": requested["name"], "arguments": ""},
-        }
-        yield _chunk(model, {"tool_calls": [head]})
-        for piece in _pieces(requested["arguments"], ARGUMENT_PIECE):
-            yield _chunk(model, {"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+        yield _chunk(model, {"tool_calls": calls})
+    else:  # a call's head (its arguments empty), then its arguments in pieces, as real endpoints do
+        for whole in calls:
+            yield _chunk(model, {"tool_calls": [{**whole, "function": {**whole["function"], "arguments": ""}}]})
+            for piece in _pieces(whole["function"]["arguments"], ARGUMENT_PIECE):
+                yield _chunk(model, {"tool_calls": [{"index": whole["index"], "function": {"arguments": piece}}]})
     yield _chunk(model, {}, "tool_calls" if reply.get("calls") else "stop")
     yield "data: [DONE]\n\n"
 
