@@ -9,7 +9,6 @@ collector the tracing phase points OTEL_EXPORTER_OTLP_ENDPOINT at.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
 import json
 import os
@@ -28,12 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.stack import Stack
+from scripts.stack import Stack, die_with_parent
 from tests.support import SECRET, create_postgres_database, drop_postgres_database, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -175,8 +173,9 @@ def open_stacks(
         )
         for n, (workdir, env) in enumerate(stacks)
     ]
-    # The pool's threads must outlive the stacks: a child's PR_SET_PDEATHSIG fires when the
-    # *thread* that started it ends, which would stop a stack as soon as its starter returned.
+    # The pool's threads must outlive the stacks: a child's death signal (setpriv --pdeathsig)
+    # fires when the *thread* that started it ends, which would stop a stack as soon as its
+    # starter returned.
     with ThreadPoolExecutor(len(managers)) as pool, contextlib.ExitStack() as started:
         entering = [pool.submit(manager.__enter__) for manager in managers]
         handles, failure = [], None
@@ -191,12 +190,6 @@ def open_stacks(
         yield handles
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the benchmark process dies (Linux prctl)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class ModelServer:
     """bench/model_server.py as a separate process."""
 
@@ -207,9 +200,8 @@ class ModelServer:
 
     def start(self) -> ModelServer:
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "bench.model_server", "--port", "0"],
+            die_with_parent([PYTHON, "-m", "bench.model_server", "--port", "0"]),  # never outlive a killed benchmark
             cwd=ROOT,
-            preexec_fn=_die_with_parent,  # never outlive a killed benchmark
             stdout=subprocess.PIPE,
             stderr=self.log_path.open("ab"),
             text=True,
@@ -250,9 +242,8 @@ class OtlpReceiver:
 
     def start(self) -> OtlpReceiver:
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "bench.otlp_receiver", "--port", "0"],
+            die_with_parent([PYTHON, "-m", "bench.otlp_receiver", "--port", "0"]),
             cwd=ROOT,
-            preexec_fn=_die_with_parent,
             stdout=subprocess.PIPE,
             stderr=self.log_path.open("ab"),
             text=True,
@@ -329,14 +320,13 @@ def envoy_outcomes(log_path: Path, path_prefix: str, expected: int, wait_seconds
 def run_loadgen(job: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run one job in a fresh load-generator process; its JSON result."""
     completed = subprocess.run(
-        [PYTHON, "-m", "bench.loadgen"],
+        die_with_parent([PYTHON, "-m", "bench.loadgen"]),
         input=json.dumps(job),
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=timeout,
         check=False,
-        preexec_fn=_die_with_parent,
     )
     if completed.returncode != 0:
         raise RuntimeError(f"loadgen failed ({completed.returncode}): {completed.stderr[-2000:]}")

@@ -19,7 +19,6 @@ the launcher, which stops them in order) and is sent SIGTERM if the launcher die
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
@@ -49,7 +48,6 @@ from gateway import envoy_config  # noqa: E402
 SERVICES = ("task", "conversation", "agent")
 SERVICE_ADDR_FIELDS = {name: envoy_config.GRPC_UPSTREAMS[name][1] for name in SERVICES}
 REPLICA_PORT_STEP = 100  # replica k listens on each configured port + (k - 1) * this
-PR_SET_PDEATHSIG = 1
 
 
 def available_services() -> list[str]:
@@ -66,24 +64,20 @@ def envoy_binary() -> str:
     return found
 
 
-def _load_prctl() -> Callable[..., int] | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
-    except (OSError, AttributeError):  # not Linux
-        return None
+# setpriv (util-linux) sets the death signal and execs the command. Not a preexec_fn calling prctl:
+# a preexec_fn makes subprocess fork() instead of vfork(), and gRPC's fork handlers then run in
+# the child; when another thread of ours is inside gRPC at that moment (stacks started side by
+# side, health checks polling) the child can die before exec ("epoll_wait error: Bad file
+# descriptor", about 1 fork in 50 here).
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 
 
-# Looked up once in the parent: the child, between fork and exec, only makes the call.
-_PRCTL = _load_prctl()
+def die_with_parent(argv: list[str]) -> list[str]:
+    """`argv`, run so that the child gets SIGTERM when the launching thread goes away (Linux).
 
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the launching thread goes away (Linux).
-
-    So a killed `make up` or test run leaves no orphans. Start components from a thread that
-    outlives them (the main thread, as up.py and the tests do)."""
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+    So a killed `make up`, test or benchmark run leaves no orphans. Start components from a
+    thread that outlives them (the main thread, as up.py and the tests do)."""
+    return [_SETPRIV, "--pdeathsig", "TERM", "--", *argv] if _SETPRIV else argv
 
 
 class Component:
@@ -107,14 +101,13 @@ class Component:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.argv,
+            die_with_parent(self.argv),
             cwd=ROOT,
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if self.echo else log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         if self.echo:
             self._pump = threading.Thread(target=self._copy_output, args=(log,), daemon=True)
