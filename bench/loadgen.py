@@ -13,7 +13,9 @@ requests_per_client, user_prefix, one_user (every client the same user), honor_r
 refused client waits its Retry-After before the next request), timeout (s per request), ramp_seconds (start the clients
 spread over this long instead of all at once), think_mean_seconds (before every request, the
 first one included, each client pauses for an exponentially distributed time of this mean: users
-who read and type, not a closed loop), max_latencies.
+who read and type, not a closed loop), max_latencies. A job of the form {"interleave": [job, ...]}
+runs jobs of one client each with their requests taken in turn (`run_interleaved`) and prints
+{"results": [result, ...]}.
 
 Every failure is counted by kind (`error_kinds`: "HTTP 499", "timeout", ...). The `chat_burst`
 scenario also tells refusals apart: a 503 or 429 that carries `Retry-After` is a refusal (its time
@@ -304,7 +306,6 @@ class Tally:
 async def drive(client: Client, step: Callable[[Client], Awaitable[None]], job: dict[str, Any], tally: Tally) -> None:
     deadline = time.perf_counter() + job["duration"] if job.get("duration") else None
     limit = job.get("requests_per_client")
-    timeout = float(job.get("timeout", 120))
     ramp = float(job.get("ramp_seconds", 0))
     think = float(job.get("think_mean_seconds", 0))
     if ramp:  # spread the clients' first requests evenly over the ramp instead of a burst
@@ -314,27 +315,33 @@ async def drive(client: Client, step: Callable[[Client], Awaitable[None]], job: 
             await asyncio.sleep(client.rng.expovariate(1.0 / think))
             if deadline is not None and time.perf_counter() >= deadline:
                 break
-        started = time.perf_counter()
-        try:
-            await asyncio.wait_for(step(client), timeout)
-            tally.latencies_ms.append((time.perf_counter() - started) * 1000)
-        except Refused as refusal:  # one request: timed from its write (see first_sends below)
-            written = max(started, client.connection.written_at)
-            tally.refused((time.perf_counter() - written) * 1000, refusal.status)
-            if job.get("honor_retry_after"):  # as a client told when to come back does
-                await asyncio.sleep(float(refusal.retry_after))
-        except TimeoutError:
-            tally.error(f"timeout after {timeout}s", "timeout")
-            client.connection.close()
-        except HttpError as error:
-            tally.error(f"HttpError: {error}", error.kind)
-        except (OSError, asyncio.IncompleteReadError, ValueError, KeyError) as error:
-            tally.error(f"{type(error).__name__}: {error}", type(error).__name__)
-        if client.sent == 0 and client.connection.written_at >= started:
-            # When the first request really went out (a burst's 5,000 tasks reach their writes
-            # one after another in this one loop), not when its task was started.
-            tally.first_sends.append(client.connection.written_at)
-        client.sent += 1
+        await attempt(client, step, job, tally)
+
+
+async def attempt(client: Client, step: Callable[[Client], Awaitable[None]], job: dict[str, Any], tally: Tally) -> None:
+    """One request of `client`, counted in `tally` as a latency, a refusal or an error."""
+    timeout = float(job.get("timeout", 120))
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(step(client), timeout)
+        tally.latencies_ms.append((time.perf_counter() - started) * 1000)
+    except Refused as refusal:  # one request: timed from its write (see first_sends below)
+        written = max(started, client.connection.written_at)
+        tally.refused((time.perf_counter() - written) * 1000, refusal.status)
+        if job.get("honor_retry_after"):  # as a client told when to come back does
+            await asyncio.sleep(float(refusal.retry_after))
+    except TimeoutError:
+        tally.error(f"timeout after {timeout}s", "timeout")
+        client.connection.close()
+    except HttpError as error:
+        tally.error(f"HttpError: {error}", error.kind)
+    except (OSError, asyncio.IncompleteReadError, ValueError, KeyError) as error:
+        tally.error(f"{type(error).__name__}: {error}", type(error).__name__)
+    if client.sent == 0 and client.connection.written_at >= started:
+        # When the first request really went out (a burst's 5,000 tasks reach their writes
+        # one after another in this one loop), not when its task was started.
+        tally.first_sends.append(client.connection.written_at)
+    client.sent += 1
 
 
 async def open_clients(job: dict[str, Any]) -> list[Client]:
@@ -374,6 +381,26 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+async def run_interleaved(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Jobs of one client each (usually on different stacks), their requests taken in turn: one
+    of the first job's, then one of the second's, ... So every job's requests meet the same
+    moments of a noisy machine, and a difference between them is the stacks', not the minute's."""
+    clients = [(await open_clients(job))[0] for job in jobs]
+    tallies = [Tally() for _ in jobs]
+    lag = LagMonitor()
+    lag.start()
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
+    for _ in range(max(int(job["requests_per_client"]) for job in jobs)):
+        for client, job, tally in zip(clients, jobs, tallies, strict=True):
+            if client.sent < int(job["requests_per_client"]):
+                await attempt(client, SCENARIOS[job["scenario"]], job, tally)
+    wall, cpu = time.perf_counter() - wall_before, time.process_time() - cpu_before
+    lag.stop()
+    for client in clients:
+        client.connection.close()
+    return [summarize(job, tally, lag.lags_ms, wall, cpu) for job, tally in zip(jobs, tallies, strict=True)]
+
+
 def summarize(job: dict[str, Any], tally: Tally, lags_ms: list[float], wall: float, cpu: float) -> dict[str, Any]:
     lags = sorted(lags_ms) or [0.0]
     cpu_fraction = cpu / wall if wall else 0.0
@@ -408,7 +435,10 @@ def summarize(job: dict[str, Any], tally: Tally, lags_ms: list[float], wall: flo
 
 def main() -> None:
     job = json.loads(sys.stdin.read())
-    result = asyncio.run(run(job))
+    if "interleave" in job:  # {"interleave": [job, ...]}: see run_interleaved
+        result: dict[str, Any] = {"results": asyncio.run(run_interleaved(job["interleave"]))}
+    else:
+        result = asyncio.run(run(job))
     sys.stdout.write(json.dumps(result) + "\n")
 
 

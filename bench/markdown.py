@@ -591,9 +591,9 @@ def _tracing_table(results: Results) -> str:
     lines = [
         table(headers, rows),
         "",
-        "Each round runs every stack once, one after another (the order rotated every round); a stack's CPU "
-        f"is read just before its run and {t['settle_seconds']:g} s after it, so its window holds the run's "
-        f"span exports: the traced stacks export every {delay} ms here (OTEL_BSP_SCHEDULE_DELAY) instead of "
+        "Each round reads every stack's CPU, runs the round's turns interleaved across the stacks (the order "
+        f"rotated every round), waits {t['settle_seconds']:g} s and reads the CPU again, so each window holds "
+        f"the run's span exports: the traced stacks export every {delay} ms here (OTEL_BSP_SCHEDULE_DELAY) instead of "
         "every 5 s, which makes smaller batches and so overstates the cost per span. Each variant is "
         "compared, round by round, with the mean of the two untouched stacks (a) and (a2).",
         "A target counts as met when mean + 2 standard errors is within it; (a2 - a), two identical "
@@ -746,7 +746,9 @@ def render(
         "## Metrics and tracing cost (issue 17): CPU per add-task turn, PostgreSQL, zero-latency model",
         "",
         "Five fresh stacks started side by side and warmed up alike; then rounds of the same short run of "
-        "sequential add-task turns (1 user, a new one each round) on each. CPU is each process's exact CPU "
+        "sequential add-task turns (1 user, a new one each round) on each, the stacks' turns interleaved "
+        "one by one (a turn on each stack, then again), so all five meet the same moments of the machine. "
+        "CPU is each process's exact CPU "
         "time (schedstat) per completed turn. With tracing on, Envoy samples TRACING_SAMPLE_PERCENT of "
         "requests and every service follows its decision (an unsampled request's trace context is passed "
         "on, no spans built).",

@@ -7,8 +7,8 @@ Phases (each a fresh load-generator process, clients = users, keep-alive connect
    and concurrently; the fan-out attack: users whose model asks for a thousand tool calls in one
    step, while one ordinary user chats (their latency beside the quiet figure);
    tracing: the same sequential turns on five fresh stacks (metrics and tracing off, twice; metrics
-   on; tracing at the default sampling; every request traced), in short rotated rounds, CPU per
-   turn of each against the first;
+   on; tracing at the default sampling; every request traced), in rounds whose turns are
+   interleaved across the stacks, CPU per turn of each against the untouched two;
    think time: many users, each pausing (exponentially) between turns, against a 1 s-per-step model;
    burst: many turns offered at once, each answer classified (turn, fast refusal, anything else);
    many concurrent chat sessions against a 1 s-per-step model.
@@ -380,11 +380,12 @@ def _mean_and_error(values: list[float]) -> tuple[float, float]:
 
 def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
     """Issue 17: the CPU metrics and tracing add to a chat turn. Five fresh PostgreSQL stacks side
-    by side (TRACING_VARIANTS), warmed up alike; then rounds: in each, every stack in turn runs the
-    same short run of sequential add-task turns (a new user per round), in an order rotated every
-    round. A stack's CPU is read just before its run and a settle time after it (its exports
-    included). Per round, each variant's CPU per turn less the mean of the two untouched stacks'
-    (a, a2); the mean over the rounds and its standard error."""
+    by side (TRACING_VARIANTS), warmed up alike; then rounds: in each, every stack gets a new user
+    and the same short run of sequential add-task turns, the stacks' turns interleaved one by one
+    (so all five meet the same moments of a noisy machine), in an order rotated every round. Every
+    stack's CPU is read just before the round and a settle time after it (exports included). Per
+    round, each variant's CPU per turn less the mean of the two untouched stacks' (a, a2); the
+    mean over the rounds and its standard error."""
     sizes = results.sizes
     model.set_delay(0.0)
     receivers = {key: OtlpReceiver(_fresh_dir(workdir / f"otlp-{key}")).start() for key in TRACED_VARIANTS}
@@ -408,10 +409,13 @@ def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
                 list(pool.map(run_loadgen, warm))
             time.sleep(1.0)  # the warm-up's exports out of the way
             spans_before = {key: receiver.counts() for key, receiver in receivers.items()}
-            log(f"tracing: {sizes.tracing_rounds} rounds of {sizes.tracing_turns} sequential turns per stack")
+            log(
+                f"tracing: {sizes.tracing_rounds} rounds of {sizes.tracing_turns} sequential turns per stack, interleaved"
+            )
             for number in range(sizes.tracing_rounds):
-                for key in keys[number % len(keys) :] + keys[: number % len(keys)]:
-                    slices[key].append(_tracing_window(by_key[key], number, sizes))
+                order = keys[number % len(keys) :] + keys[: number % len(keys)]
+                for key, row in _tracing_round({key: by_key[key] for key in order}, number, sizes).items():
+                    slices[key].append(row)
             for key, receiver in receivers.items():
                 after = receiver.counts()
                 spans[key] = {
@@ -430,17 +434,26 @@ def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
     results.tracing = _tracing_summary(slices, spans, sizes)
 
 
-def _tracing_window(stack: StackHandle, number: int, sizes: Sizes) -> dict[str, Any]:
-    """One stack's run of round `number`: its CPU from just before to `settle` after."""
-    before = cpu_by_name_of(stack.pids)
-    outcome = run_loadgen(job(stack, "chat_add", 1, f"pg-trace-r{number}", requests_per_client=sizes.tracing_turns))
+def _tracing_round(stacks: dict[str, StackHandle], number: int, sizes: Sizes) -> dict[str, dict[str, Any]]:
+    """Round `number`: a new user on every stack, their turns interleaved (one on each stack in
+    `stacks`' order, again and again); each stack's CPU from just before the round to `settle`
+    after it (its exports included: a process's CPU is its own, whenever it runs)."""
+    before = {key: cpu_by_name_of(stack.pids) for key, stack in stacks.items()}
+    jobs = [
+        job(stack, "chat_add", 1, f"pg-trace-r{number}", requests_per_client=sizes.tracing_turns)
+        for stack in stacks.values()
+    ]
+    outcomes = run_loadgen({"interleave": jobs})["results"]
     time.sleep(sizes.tracing_settle_seconds)
     return {
-        "cpu": _cpu_ms(before, cpu_by_name_of(stack.pids)),
-        "turns": outcome["ok"],
-        "errors": outcome["errors"],
-        "error_samples": outcome["error_samples"],
-        "p50": report.percentile(outcome["latencies_ms"], 0.5),
+        key: {
+            "cpu": _cpu_ms(before[key], cpu_by_name_of(stack.pids)),
+            "turns": outcome["ok"],
+            "errors": outcome["errors"],
+            "error_samples": outcome["error_samples"],
+            "p50": report.percentile(outcome["latencies_ms"], 0.5),
+        }
+        for (key, stack), outcome in zip(stacks.items(), outcomes, strict=True)
     }
 
 
