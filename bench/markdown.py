@@ -592,14 +592,15 @@ def _tracing_table(results: Results) -> str:
         table(headers, rows),
         "",
         "Each round reads every stack's CPU, runs the round's turns interleaved across the stacks (the order "
-        f"rotated every round), waits {t['settle_seconds']:g} s and reads the CPU again, so each window holds "
-        f"the run's span exports: the traced stacks export every {delay} ms here (OTEL_BSP_SCHEDULE_DELAY) instead of "
-        "every 5 s, which makes smaller batches and so overstates the cost per span. Each variant is "
-        "compared, round by round, with the mean of the two untouched stacks (a) and (a2).",
+        f"rotated every round), waits {t['settle_seconds']:g} s and reads the CPU again; the rounds' windows are "
+        f"back to back, so the traced stacks' span exports (every {delay} ms, OTEL_BSP_SCHEDULE_DELAY; 5000 is "
+        "the SDK's default) are counted in whichever round they happen in, and the last batch is waited for and "
+        "counted in the last round. Idle costs over the windows (health checks, threads waking) are counted too. "
+        "Each variant is compared, round by round, with the mean of the two untouched stacks (a) and (a2).",
         "A target counts as met when mean + 2 standard errors is within it; (a2 - a), two identical "
         "stacks, shows what the method reads when nothing differs.",
         "",
-        "Cross-check in the bench process, without the stacks: the RPC metrics interceptor costs "
+        "Cross-check in the bench process, without the stacks: recording the RPC metrics in the server interceptor costs "
         f"{cost['per_rpc_us']:.1f} µs of CPU per RPC and the agent's counters {cost['per_turn_counters_us']:.1f} µs "
         f"per turn; at {t['rpcs_per_turn']:.1f} RPCs per turn (the services' server spans in (d)) that is "
         f"≈ {estimate / 1000:.3f} ms per turn for the metrics.",

@@ -77,13 +77,12 @@ class Sizes:
     # Issue 17: sequential turns per stack and round; every round runs every stack, rotated.
     tracing_turns: int = 25
     tracing_rounds: int = 30
-    # Each stack's CPU is read just before its run and this long after it: past the traced stacks'
-    # batch delay below, so a run's spans are exported (and their CPU spent) inside its window.
-    tracing_settle_seconds: float = 1.1
-    # OTEL_BSP_SCHEDULE_DELAY (ms) for the traced stacks, instead of the SDK's 5 s: short windows
-    # then hold their own exports. More frequent exports of smaller batches cost more per span, so
-    # this overstates the cost.
-    tracing_batch_delay_ms: int = 1000
+    # A pause after each round's turns, inside its CPU window (the rounds' windows are back to back,
+    # so every export is counted in the round it happens in, whichever that is).
+    tracing_settle_seconds: float = 0.3
+    # OTEL_BSP_SCHEDULE_DELAY (ms) of the traced stacks: the SDK's default, what a deployment gets.
+    # The warm-up's exports are waited out before the first round, the last batch after the last.
+    tracing_batch_delay_ms: int = 5000
     # Issue 19: users with think time, and the overload burst.
     thinktime_users: int = 5000
     thinktime_mean_seconds: float = 20.0
@@ -383,9 +382,11 @@ def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
     by side (TRACING_VARIANTS), warmed up alike; then rounds: in each, every stack gets a new user
     and the same short run of sequential add-task turns, the stacks' turns interleaved one by one
     (so all five meet the same moments of a noisy machine), in an order rotated every round. Every
-    stack's CPU is read just before the round and a settle time after it (exports included). Per
-    round, each variant's CPU per turn less the mean of the two untouched stacks' (a, a2); the
-    mean over the rounds and its standard error."""
+    stack's CPU is read before each round and again a settle time after it, the windows back to
+    back, so the traced stacks' span exports (every 5 s, the SDK's default) are counted in the
+    round they happen in; the last batch is waited for and counted in the last round. Per round,
+    each variant's CPU per turn less the mean of the two untouched stacks' (a, a2); the mean over
+    the rounds and its standard error."""
     sizes = results.sizes
     model.set_delay(0.0)
     receivers = {key: OtlpReceiver(_fresh_dir(workdir / f"otlp-{key}")).start() for key in TRACED_VARIANTS}
@@ -407,7 +408,8 @@ def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
             with ThreadPoolExecutor(len(stacks)) as pool:  # the same warm-up as the chat phase, side by side
                 warm = [job(stack, "chat_add", 2, "pg-trace-warm", requests_per_client=5) for stack in stacks]
                 list(pool.map(run_loadgen, warm))
-            time.sleep(1.0)  # the warm-up's exports out of the way
+            drain_seconds = sizes.tracing_batch_delay_ms / 1000 + 0.5
+            time.sleep(drain_seconds)  # the warm-up's exports out of the way
             spans_before = {key: receiver.counts() for key, receiver in receivers.items()}
             log(
                 f"tracing: {sizes.tracing_rounds} rounds of {sizes.tracing_turns} sequential turns per stack, interleaved"
@@ -416,6 +418,15 @@ def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
                 order = keys[number % len(keys) :] + keys[: number % len(keys)]
                 for key, row in _tracing_round({key: by_key[key] for key in order}, number, sizes).items():
                     slices[key].append(row)
+            # The last batch of spans: its export's CPU goes to the last round, as every earlier
+            # export's went to the round it happened in.
+            tail_before = {key: cpu_by_name_of(stack.pids) for key, stack in by_key.items()}
+            time.sleep(drain_seconds)
+            for key, stack in by_key.items():
+                tail = _cpu_ms(tail_before[key], cpu_by_name_of(stack.pids))
+                last = slices[key][-1]["cpu"]
+                for name, spent in tail.items():
+                    last[name] += spent
             for key, receiver in receivers.items():
                 after = receiver.counts()
                 spans[key] = {

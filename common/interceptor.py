@@ -1,4 +1,5 @@
-"""The one server interceptor: authenticates every call, names the caller, maps errors, logs.
+"""The one server interceptor: authenticates every call, names the caller, maps errors, logs,
+counts and traces.
 
 For each RPC (health and reflection excepted) it reads `authorization` from the metadata,
 verifies the bearer token, spends the caller's rate-limit budget for the method
@@ -6,6 +7,12 @@ verifies the bearer token, spends the caller's rate-limit budget for the method
 variables. Handlers raise `common.errors.ServiceError`s; this is the single place that turns
 them (and database outages) into gRPC statuses. Every call leaves one access-log line; refusals
 of identity, permission and budget also leave an `audit` record with their exact reason.
+
+The same scope that times the call for its log line records its RPC metrics (common/metrics.py,
+when the service serves them) and is its trace span (common/tracing.py, when tracing is on), with
+the final status: one wrapper per call for all of it (a second grpc.aio interceptor cost more than
+what it recorded, bench/NOTES.md). Health checks and reflection are none of this: not
+authenticated, logged, counted or traced (Envoy health-checks every service each second).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from common import audit, auth, logs, ratelimit
+from common import audit, auth, logs, metrics, ratelimit, tracing
 from common.errors import (
     InvalidArgument,
     PermissionDenied,
@@ -37,6 +44,9 @@ log = logging.getLogger("rpc")
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # The metadata our services read (the agent reads idempotency-key); each is checked here.
 READ_HEADERS = ("authorization", "x-request-id", "idempotency-key")
+# W3C trace context, read in the same pass for the call's span; never checked (an invalid one
+# starts a new trace, as the W3C recommendation says).
+TRACE_HEADERS = ("traceparent", "tracestate")
 AUDITED_REFUSALS: dict[type[ServiceError], str] = {
     Unauthenticated: "auth_refused",
     PermissionDenied: "permission_denied",
@@ -44,9 +54,12 @@ AUDITED_REFUSALS: dict[type[ServiceError], str] = {
 }
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, verifier: auth.TokenVerifier) -> None:
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """See the module's docstring; `record_metrics` is off when the service serves no metrics."""
+
+    def __init__(self, verifier: auth.TokenVerifier, record_metrics: bool = True) -> None:
         self._verifier = verifier
+        self._record_metrics = record_metrics
 
     async def intercept_service(
         self,
@@ -57,7 +70,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
             return handler
-        headers = read_headers(handler_call_details.invocation_metadata or ())
+        headers, trace_headers = read_headers(handler_call_details.invocation_metadata or ())
         request_id = _first(headers, "x-request-id")
         if not request_id or not _printable_ascii(request_id):
             request_id = uuid.uuid4().hex  # a bad one is refused below, under a fresh id
@@ -68,16 +81,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             caller: auth.Caller | ServiceError = auth.Caller(user_id=user_id, token=token, request_id=request_id)
         except ServiceError as error:
             caller = error
-        return _wrap(handler, method, caller, request_id)
+        call = _Call(method, caller, request_id, trace_headers)
+        return _wrap(handler, call, self._record_metrics)
 
 
-def read_headers(metadata: Any) -> dict[str, list[str]]:
-    """Every value of each of READ_HEADERS in the call's metadata."""
+def read_headers(metadata: Any) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Every value of each of READ_HEADERS in the call's metadata, and the first of each of
+    TRACE_HEADERS."""
     values: dict[str, list[str]] = {}
+    trace: dict[str, str] = {}
     for key, value in metadata:
         if key in READ_HEADERS:
             values.setdefault(key, []).append(value.decode("latin-1") if isinstance(value, bytes) else value)
-    return values
+        elif key in TRACE_HEADERS and isinstance(value, str) and value:
+            trace.setdefault(key, value)
+    return values, trace
 
 
 def check_headers(headers: dict[str, list[str]]) -> None:
@@ -103,23 +121,34 @@ def _printable_ascii(value: str) -> bool:
     return all(" " <= char <= "~" for char in value)
 
 
-def _wrap(
-    handler: grpc.RpcMethodHandler, method: str, caller: auth.Caller | ServiceError, request_id: str
-) -> grpc.RpcMethodHandler:
-    """The same handler, run as `caller` (or refused with its auth error), with errors mapped."""
+class _Call:
+    """What the interceptor learnt of one call before its handler runs."""
+
+    __slots__ = ("caller", "method", "request_id", "trace_headers")
+
+    def __init__(
+        self, method: str, caller: auth.Caller | ServiceError, request_id: str, trace_headers: dict[str, str]
+    ) -> None:
+        self.method, self.caller, self.request_id, self.trace_headers = method, caller, request_id, trace_headers
+
+
+def _wrap(handler: grpc.RpcMethodHandler, call: _Call, record_metrics: bool) -> grpc.RpcMethodHandler:
+    """The same handler, run as the caller (or refused with its auth error), with errors mapped."""
     if handler.unary_unary:
+        recorder = metrics.method_metrics("unary", call.method) if record_metrics else None
         return grpc.unary_unary_rpc_method_handler(
-            _unary(handler.unary_unary, method, caller, request_id),
+            _unary(handler.unary_unary, call, recorder),
             request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream:
+        recorder = metrics.method_metrics("server_stream", call.method) if record_metrics else None
         return grpc.unary_stream_rpc_method_handler(
-            _streaming(handler.unary_stream, method, caller, request_id),
+            _streaming(handler.unary_stream, call, recorder),
             request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
-    raise NotImplementedError(f"{method}: client-streaming RPCs are not used by this project")
+    raise NotImplementedError(f"{call.method}: client-streaming RPCs are not used by this project")
 
 
 class _Undecodable:
@@ -148,51 +177,55 @@ def _refuse_undecodable(request: Any) -> None:
 
 
 class _CallScope:
-    """Sets the caller and request id for the duration of one call, and logs its outcome."""
+    """One call from start to status: the caller and request id set, its span current (tracing
+    on), then one access-log line, the RPC metrics and the span's end with the final status."""
 
-    def __init__(self, method: str, caller: auth.Caller | ServiceError, request_id: str, context: Any) -> None:
-        self.method, self.caller, self.request_id, self.context = method, caller, request_id, context
+    def __init__(self, call: _Call, recorder: metrics.MethodMetrics | None, context: Any) -> None:
+        self.call, self.recorder, self.context = call, recorder, context
 
     async def __aenter__(self) -> None:
         self.started = time.perf_counter()
-        self.tokens = (logs.request_id_var.set(self.request_id),)
-        if isinstance(self.caller, ServiceError):
-            await self._abort(self.caller)
+        self.request_id_token = logs.request_id_var.set(self.call.request_id)
+        if self.recorder is not None:
+            self.recorder.started.inc()
+        self.span = tracing.server_span(self.call.method, self.call.trace_headers)
+        if isinstance(self.call.caller, ServiceError):
+            await self._abort(self.call.caller)
             return
-        self.caller_token = auth.set_caller(self.caller)
+        self.caller_token = auth.set_caller(self.call.caller)
 
     async def __aexit__(self, exc_type: type | None, error: BaseException | None, tb: Any) -> bool:
-        if not isinstance(self.caller, ServiceError):
+        if not isinstance(self.call.caller, ServiceError):
             auth.reset_caller(self.caller_token)
         try:
-            if isinstance(error, asyncio.CancelledError):
+            if isinstance(error, asyncio.CancelledError | GeneratorExit):
                 # The client went away (or its deadline passed): nothing to answer, nothing broken.
-                self._log(grpc.StatusCode.CANCELLED)
+                self._done(grpc.StatusCode.CANCELLED)
                 return False
             if error is not None and not _is_abort(error):
                 self._audit(error)
                 mapped = status_for(error)
                 if mapped is None:
-                    log.error("unhandled error in %s", self.method, exc_info=(exc_type, error, tb))  # type: ignore[arg-type]
+                    log.error("unhandled error in %s", self.call.method, exc_info=(exc_type, error, tb))  # type: ignore[arg-type]
                     mapped = (grpc.StatusCode.INTERNAL, "internal error")
-                self._log(mapped[0])
+                self._done(mapped[0])
                 retry_after = getattr(error, "retry_after_seconds", None)
                 if retry_after:  # a refusal that says when to come back (agent admission)
                     self.context.set_trailing_metadata((("retry-after", str(retry_after)),))
                 await self.context.abort(mapped[0], mapped[1])
-            self._log(self.context.code() or grpc.StatusCode.OK)
+            self._done(self.context.code() or grpc.StatusCode.OK)
             return False
         finally:
-            logs.request_id_var.reset(self.tokens[0])
+            logs.request_id_var.reset(self.request_id_token)
 
     async def _abort(self, error: ServiceError) -> None:
-        self._log(error.code)
+        self._done(error.code)
         self._audit(error)
         if isinstance(error, Unauthenticated):
             self.context.set_trailing_metadata((("www-authenticate", 'Bearer error="invalid_token"'),))
         elif getattr(error, "retry_after_seconds", None):  # the verifier's upstream (Better Auth) is down
             self.context.set_trailing_metadata((("retry-after", str(error.retry_after_seconds)),))  # type: ignore[attr-defined]
-        logs.request_id_var.reset(self.tokens[0])
+        logs.request_id_var.reset(self.request_id_token)
         await self.context.abort(error.code, error.message)
 
     def _audit(self, error: BaseException) -> None:
@@ -200,14 +233,20 @@ class _CallScope:
             return
         event = next((name for kind, name in AUDITED_REFUSALS.items() if isinstance(error, kind)), None)
         if event is not None:
-            user = self.caller.user_id if isinstance(self.caller, auth.Caller) else None
-            audit.record(event, surface="grpc", method=self.method, user=user, reason=error.reason)
+            user = self.call.caller.user_id if isinstance(self.call.caller, auth.Caller) else None
+            audit.record(event, surface="grpc", method=self.call.method, user=user, reason=error.reason)
 
-    def _log(self, code: grpc.StatusCode | int) -> None:
-        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-        user = self.caller.user_id if isinstance(self.caller, auth.Caller) else None
-        elapsed_ms = round((time.perf_counter() - self.started) * 1000, 2)
-        log.info("rpc", extra={"method": self.method, "code": name, "ms": elapsed_ms, "user": user})
+    def _done(self, code: grpc.StatusCode) -> None:
+        """The call's status is known: log it (inside the span, so the line has the trace id),
+        count it, end the span."""
+        seconds = time.perf_counter() - self.started
+        user = self.call.caller.user_id if isinstance(self.call.caller, auth.Caller) else None
+        extra = {"method": self.call.method, "code": code.name, "ms": round(seconds * 1000, 2), "user": user}
+        log.info("rpc", extra=extra)
+        if self.recorder is not None:
+            self.recorder.done(code, seconds)
+        if self.span is not None:
+            self.span.finish(code)
 
 
 def _is_abort(error: BaseException) -> bool:
@@ -215,24 +254,24 @@ def _is_abort(error: BaseException) -> bool:
     return type(error).__name__ == "AbortError"
 
 
-def _unary(behavior: Callable[..., Any], method: str, caller: auth.Caller | ServiceError, request_id: str) -> Any:
+def _unary(behavior: Callable[..., Any], call: _Call, recorder: metrics.MethodMetrics | None) -> Any:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _CallScope(method, caller, request_id, context):
+        async with _CallScope(call, recorder, context):
             _refuse_undecodable(request)
-            await ratelimit.charge(method, context)
+            await ratelimit.charge(call.method, context)
             return await behavior(request, context)
 
     return handle
 
 
-def _streaming(behavior: Callable[..., Any], method: str, caller: auth.Caller | ServiceError, request_id: str) -> Any:
+def _streaming(behavior: Callable[..., Any], call: _Call, recorder: metrics.MethodMetrics | None) -> Any:
     if not inspect.isasyncgenfunction(behavior):
-        return _unary(behavior, method, caller, request_id)  # a handler that writes via context.write
+        return _unary(behavior, call, recorder)  # a handler that writes via context.write
 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _CallScope(method, caller, request_id, context):
+        async with _CallScope(call, recorder, context):
             _refuse_undecodable(request)
-            await ratelimit.charge(method, context)
+            await ratelimit.charge(call.method, context)
             async for response in behavior(request, context):
                 yield response
 

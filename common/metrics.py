@@ -1,4 +1,4 @@
-"""Prometheus metrics: the one gRPC server interceptor, the product's counters, the /metrics server.
+"""Prometheus metrics: the gRPC server metrics, the product's counters, the /metrics server.
 
 Every service serves the default registry (these metrics plus prometheus-client's process,
 platform and GC collectors) as Prometheus text on its own port (`serve_http`: TASK_METRICS_PORT,
@@ -10,9 +10,8 @@ py-grpc-prometheus), so existing dashboards and alerts work unchanged:
   grpc_server_started_total{grpc_type, grpc_service, grpc_method}
   grpc_server_handled_total{grpc_type, grpc_service, grpc_method, grpc_code}   (code: "OK", "NOT_FOUND", ...)
   grpc_server_handling_seconds{grpc_type, grpc_service, grpc_method}            (histogram)
-`MetricsInterceptor` records them; it must be the outermost interceptor, so it sees the status
-of every call, including those the auth interceptor refuses. It also opens the call's trace span
-(common/tracing.py), so each call is wrapped once for both.
+The one server interceptor (common/interceptor.py) records them through `method_metrics`, with
+every call's final status, those it refuses included; health checks and reflection are not counted.
 
 The product's own, for the agent and the rate limiter to record through the helpers below:
   todo_chat_turns_total{outcome}        chat_turn(outcome)
@@ -30,12 +29,10 @@ and a lock-protected add (a few microseconds a call).
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import aclosing, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +42,6 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from common import tracing
 from common.settings import Settings
 
 if TYPE_CHECKING:
@@ -87,10 +83,6 @@ MODEL_SECONDS = Histogram(
 MODEL_TOKENS = Counter("todo_model_tokens_total", "Tokens the model reported using, by kind.", ("kind",))
 RATE_LIMITED = Counter("todo_rate_limited_total", "Calls refused by a per-user rate limit, by bucket.", ("bucket",))
 
-# Probes and introspection are counted but not traced: Envoy health-checks every service each
-# second, which would be a trace per second per service with nothing to say.
-UNTRACED_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
 # Which port each service serves its metrics on (Settings fields).
 METRICS_PORT_FIELDS = {
     "task_service": "task_metrics_port",
@@ -99,10 +91,10 @@ METRICS_PORT_FIELDS = {
 }
 
 
-# --- The gRPC server interceptor -------------------------------------------------------------
+# --- The gRPC server metrics -----------------------------------------------------------------
 
 
-class _MethodMetrics:
+class MethodMetrics:
     """One method's label children, built once (labels() per call would cost more than the rest)."""
 
     __slots__ = ("handled", "labels", "seconds", "started")
@@ -122,124 +114,17 @@ class _MethodMetrics:
         self.seconds.observe(seconds)
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every RPC under the gRPC ecosystem's metric names, and opens its span.
-
-    Put it first in the server's interceptor list (outermost): the status it records is the
-    call's final one, whether the handler returned, set a code, or aborted (the auth
-    interceptor's refusals and error mapping abort with the mapped status)."""
-
-    def __init__(self) -> None:
-        self._methods: dict[tuple[str, str], _MethodMetrics] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED itself
-            return handler
-        grpc_type, behavior = _kind(handler)
-        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
-            return handler  # a synchronous handler (none of ours): left alone
-        method = handler_call_details.method
-        key = (grpc_type, method)
-        recorder = self._methods.get(key)
-        if recorder is None:
-            recorder = self._methods[key] = _MethodMetrics(grpc_type, method)
-        trace = None
-        if tracing.enabled() and not method.startswith(UNTRACED_METHOD_PREFIXES):
-            trace = (method, handler_call_details.invocation_metadata)
-        return _rebuild(handler, grpc_type, _observed(behavior, recorder, trace))
+# Keyed by (grpc_type, method): the methods a server registered, so it stays small.
+_methods: dict[tuple[str, str], MethodMetrics] = {}
 
 
-def _kind(handler: grpc.RpcMethodHandler) -> tuple[str, Callable[..., Any]]:
-    if handler.unary_unary:
-        return "unary", handler.unary_unary
-    if handler.unary_stream:
-        return "server_stream", handler.unary_stream
-    if handler.stream_unary:
-        return "client_stream", handler.stream_unary
-    return "bidi_stream", handler.stream_stream
-
-
-_HANDLER_OF_TYPE = {
-    "unary": grpc.unary_unary_rpc_method_handler,
-    "server_stream": grpc.unary_stream_rpc_method_handler,
-    "client_stream": grpc.stream_unary_rpc_method_handler,
-    "bidi_stream": grpc.stream_stream_rpc_method_handler,
-}
-
-
-def _rebuild(handler: grpc.RpcMethodHandler, grpc_type: str, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    return _HANDLER_OF_TYPE[grpc_type](
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-def _final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
-    """The status the client gets: what the handler set (or aborted with), else OK; an
-    exception that escaped unmapped is UNKNOWN (what grpc answers), a cancellation CANCELLED."""
-    if error is None:
-        return context.code() or grpc.StatusCode.OK
-    if isinstance(error, grpc.aio.AbortError):
-        return context.code() or grpc.StatusCode.UNKNOWN
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN
-
-
-def _observed(
-    behavior: Callable[..., Any], recorder: _MethodMetrics, trace: tuple[str, Any] | None
-) -> Callable[..., Any]:
-    """`behavior` counted and timed; with `trace` (the method and its metadata), in a server span."""
-    if inspect.isasyncgenfunction(behavior):
-
-        async def observe_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            recorder.started.inc()
-            span = tracing.server_span(*trace) if trace is not None else None
-            started = time.perf_counter()
-            error: BaseException | None = None
-            try:
-                async with aclosing(behavior(request, context)) as responses:
-                    async for response in responses:
-                        yield response
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                _finish(recorder, span, _final_code(context, error), started)
-
-        return observe_stream
-
-    async def observe(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        recorder.started.inc()
-        span = tracing.server_span(*trace) if trace is not None else None
-        started = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            return await behavior(request, context)
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            _finish(recorder, span, _final_code(context, error), started)
-
-    return observe
-
-
-def _finish(
-    recorder: _MethodMetrics,
-    span: tracing.ServerSpan | tracing.PassedOnTrace | None,
-    code: grpc.StatusCode,
-    started: float,
-) -> None:
-    recorder.done(code, time.perf_counter() - started)
-    if span is not None:
-        span.finish(code)
+def method_metrics(grpc_type: str, method: str) -> MethodMetrics:
+    """The recorder of `method` ("/pkg.Service/Method"), whose grpc_type is "unary" or "server_stream"."""
+    key = (grpc_type, method)
+    recorder = _methods.get(key)
+    if recorder is None:
+        recorder = _methods[key] = MethodMetrics(grpc_type, method)
+    return recorder
 
 
 # --- The product's metrics -------------------------------------------------------------------

@@ -1,8 +1,7 @@
 """One server bootstrap for every gRPC service.
 
-`main(...)` configures logging, builds a grpc.aio server with the metrics interceptor
-(outermost: it sees every call's final status; left out when the service neither serves metrics
-nor traces) and the auth interceptor, the standard health
+`main(...)` configures logging, builds a grpc.aio server with the one interceptor (auth, error
+mapping, access log, RPC metrics, trace span: common/interceptor.py), the standard health
 service and reflection, lets the service register its servicer, and serves until SIGTERM/SIGINT.
 Beside it: Prometheus metrics on the service's metrics port and, when OTEL_EXPORTER_OTLP_ENDPOINT
 is set, tracing (common/metrics.py, common/tracing.py). On a signal it first reports NOT_SERVING
@@ -26,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common import metrics, ratelimit, tracing
 from common.auth import TokenVerifier
-from common.interceptor import AuthInterceptor
+from common.interceptor import CallInterceptor
 from common.logs import configure_logging
 from common.settings import Settings, port_of
 
@@ -41,21 +40,20 @@ Lifespan = Callable[[grpc.aio.Server, Settings], AbstractAsyncContextManager[Non
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
-def interceptors(settings: Settings, observed: bool = True) -> list[grpc.aio.ServerInterceptor]:
-    """Auth on every server; metrics (and the trace span) around it, outermost, when `observed`."""
-    auth = AuthInterceptor(TokenVerifier(settings))
-    return [metrics.MetricsInterceptor(), auth] if observed else [auth]
+def interceptor(settings: Settings, record_metrics: bool = True) -> CallInterceptor:
+    """The server's one interceptor; `record_metrics` when the service serves its metrics."""
+    return CallInterceptor(TokenVerifier(settings), record_metrics)
 
 
 def records_metrics(name: str, settings: Settings) -> bool:
-    """Whether the service records RPC metrics: when it serves them or traces (call after
-    tracing.configure). With its metrics port 0 and tracing off, the interceptor costs nothing."""
-    return metrics.metrics_port(name, settings) > 0 or tracing.enabled()
+    """Whether the service records RPC metrics: when it serves them (a metrics port of 0 is off,
+    and then nothing is recorded per call)."""
+    return metrics.metrics_port(name, settings) > 0
 
 
-def build_server(settings: Settings, observed: bool = True) -> grpc.aio.Server:
+def build_server(settings: Settings, record_metrics: bool = True) -> grpc.aio.Server:
     return grpc.aio.server(
-        interceptors=interceptors(settings, observed),
+        interceptors=[interceptor(settings, record_metrics)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_metadata_size", 16 * 1024),

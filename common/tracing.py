@@ -3,8 +3,7 @@
 With OTEL_EXPORTER_OTLP_ENDPOINT set, `configure()` installs the SDK's tracer provider for the
 service (`service.name` = the service's name) and batches spans to that OTLP/gRPC endpoint.
 Trace context travels as W3C `traceparent`: read from incoming gRPC metadata by the server
-span (`server_span`, opened by common/metrics.py's interceptor so that each call is wrapped
-once), written into outgoing gRPC metadata (`inject_metadata`, used by common/clients.py) and
+interceptor (common/interceptor.py), which opens the call's span (`server_span`), written into outgoing gRPC metadata (`inject_metadata`, used by common/clients.py) and
 into HTTP headers (`inject_headers`, for the model request).
 
 Sampling is decided once per trace, by Envoy (TRACING_SAMPLE_PERCENT, or the client's own
@@ -22,7 +21,7 @@ import contextlib
 import contextvars
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -143,21 +142,19 @@ class PassedOnTrace:
 
     __slots__ = ("token",)
 
-    def __init__(self, headers: dict[str, str]) -> None:
-        self.token = _passed_on.set(headers)
+    def __init__(self, headers: Mapping[str, str]) -> None:
+        self.token = _passed_on.set(dict(headers))
 
     def finish(self, code: grpc.StatusCode) -> None:
         _passed_on.reset(self.token)
 
 
-def server_span(method: str, metadata: Sequence[tuple[str, Any]] | None) -> ServerSpan | PassedOnTrace | None:
+def server_span(method: str, headers: Mapping[str, str]) -> ServerSpan | PassedOnTrace | None:
     """Start the span of an incoming call to `method` ("/pkg.Service/Method"), continuing the
-    trace of the caller's `traceparent` if it sent one (a caller's unsampled trace is only passed
-    on: no span). None when tracing is off."""
+    trace of the caller's `traceparent` if it sent one (`headers`: its `traceparent` and
+    `tracestate`; a caller's unsampled trace is only passed on: no span). None when tracing is off."""
     if _tracer is None:
         return None
-    # Only W3C trace context's two headers are read; the rest of the metadata (the token) is not.
-    headers = {key: value for key, value in metadata or () if key in ("traceparent", "tracestate") and value}
     if _unsampled(headers.get("traceparent", "")):
         return PassedOnTrace(headers)
     parent = _otel.propagator.extract(carrier=headers)

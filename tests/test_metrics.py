@@ -1,8 +1,8 @@
 """Prometheus metrics (common/metrics.py), proven on real scrapes after real traffic.
 
-In process: the one interceptor, in the order the bootstrap installs it, records the final
-status of calls that return, abort in the handler, are refused by the auth interceptor, and
-stream; the product's helpers and the pool collector; the cost per call.
+In process: the one server interceptor, as the bootstrap installs it, records the final status
+of calls that return, abort in the handler, are refused for their token, and stream, and records
+nothing with the metrics port off; the product's helpers and the pool collector.
 End to end (the whole stack behind Envoy, the built-in model): task_service's /metrics moves
 by exactly the REST calls made (3 creates OK, one 404 as NOT_FOUND, one 401 as
 UNAUTHENTICATED), a chat turn shows on every service's gRPC metrics and in the agent's own
@@ -13,7 +13,6 @@ on its default port, and every metric deploy/grafana-dashboard.json queries exis
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
@@ -27,12 +26,12 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from common import metrics, tracing
 from common.errors import NotFound
-from common.interceptor import AuthInterceptor
-from common.server import build_server, interceptors, records_metrics
+from common.server import build_server, records_metrics
 from common.settings import Settings
 from tests.gateway_fixtures import Gateway, start_gateway
 from tests.support import ROOT, SECRET, auth_metadata, free_port
@@ -133,18 +132,15 @@ def handled(method: str, code: str, grpc_type: str = "unary") -> float:
     return registry_value("grpc_server_handled_total", **labels)
 
 
-def test_metrics_off_and_tracing_off_leave_the_interceptor_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A metrics port of 0 is "off": no /metrics server and, unless the service traces (the
-    # interceptor opens the spans), no recording on the request path either.
+def test_a_metrics_port_of_0_turns_the_rpc_metrics_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A metrics port of 0 is "off": no /metrics server and no recording on the request path,
+    # whether or not the service traces.
     off = Settings.load({"BETTER_AUTH_SECRET": SECRET, "TASK_METRICS_PORT": "0"})
     default = Settings.load({"BETTER_AUTH_SECRET": SECRET})
-    monkeypatch.setattr(tracing, "enabled", lambda: False)
     assert not records_metrics("task_service", off)
     assert records_metrics("task_service", default)
-    assert [type(each) for each in interceptors(off, observed=False)] == [AuthInterceptor]
-    assert [type(each) for each in interceptors(default)] == [metrics.MetricsInterceptor, AuthInterceptor]
     monkeypatch.setattr(tracing, "enabled", lambda: True)
-    assert records_metrics("task_service", off)
+    assert not records_metrics("task_service", off)
 
 
 async def test_the_interceptor_records_every_calls_final_status() -> None:
@@ -198,30 +194,27 @@ async def test_the_interceptor_records_every_calls_final_status() -> None:
     assert count >= 1
 
 
-class _FakeContext:
-    def code(self) -> None:
-        return None
-
-
-def test_the_interceptor_costs_microseconds_per_call() -> None:
-    """The wrapper's own CPU per call (counters, histogram, status), tracing off: a chat turn
-    is about five calls across the services, so this must stay far below 100 µs a call."""
-    recorder = metrics._MethodMetrics("unary", "/test.v1.Probe/Cost")
-    observed = metrics._observed(_ok, recorder, None)
-    context = _FakeContext()
-
-    async def run(behavior: Callable[..., Any], calls: int) -> float:
-        started = time.process_time()
-        for _ in range(calls):
-            await behavior(b"", context)
-        return (time.process_time() - started) / calls
-
-    calls = 20_000
-    bare = asyncio.run(run(_ok, calls))
-    wrapped = asyncio.run(run(observed, calls))
-    overhead_us = (wrapped - bare) * 1e6
-    print(f"metrics interceptor overhead: {overhead_us:.1f} µs per call")
-    assert overhead_us < 50
+async def test_with_the_metrics_port_off_and_for_health_checks_nothing_is_recorded() -> None:
+    server = build_server(Settings.load({"BETTER_AUTH_SECRET": SECRET, "RATE_LIMIT_REDIS_URL": ""}), False)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(TEST_SERVICE, TEST_HANDLERS)])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    health_labels = {"grpc_type": "unary", "grpc_service": "grpc.health.v1.Health", "grpc_method": "Check"}
+    before = handled("Ok", "OK"), registry_value("grpc_server_started_total", **health_labels)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer = await channel.unary_unary(f"/{TEST_SERVICE}/Ok")(
+                b"", metadata=auth_metadata("quiet"), timeout=TIMEOUT
+            )
+            assert answer == b"ok"
+            check = health_pb2_grpc.HealthStub(channel).Check
+            status = await check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(0)
+    assert (handled("Ok", "OK"), registry_value("grpc_server_started_total", **health_labels)) == before
 
 
 # --- The product's helpers, in process ---------------------------------------------------------

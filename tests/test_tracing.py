@@ -431,7 +431,7 @@ from common import clients, logs, server
 from common.auth import Caller
 from common.settings import Settings
 assert tracing.configure("task_service", Settings.load({})) is False
-assert tracing.server_span("/todo.v1.TaskService/GetTask", (("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01"),)) is None
+assert tracing.server_span("/todo.v1.TaskService/GetTask", {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}) is None
 assert tracing.inject_headers() == {} and tracing.current_trace_id() == ""
 assert clients.caller_metadata(Caller(user_id="u", token="t", request_id="r")) == (
     ("authorization", "Bearer t"), ("x-request-id", "r"))
