@@ -6,8 +6,8 @@ Phases (each a fresh load-generator process, clients = users, keep-alive connect
    on the same database; chat turns (add-task, list) against the zero-latency model, sequentially
    and concurrently; the fan-out attack: users whose model asks for a thousand tool calls in one
    step, while one ordinary user chats (their latency beside the quiet figure);
-   tracing: the same sequential turns on five fresh stacks (metrics and tracing off, twice; metrics
-   on; tracing at the default sampling; every request traced), in rounds whose turns are
+   tracing: the same sequential turns on six fresh stacks (metrics and tracing off, twice; metrics
+   on; tracing at the default sampling, at 10 %, every request traced), in rounds whose turns are
    interleaved across the stacks, CPU per turn of each against the untouched two;
    think time: many users, each pausing (exponentially) between turns, against a 1 s-per-step model;
    burst: many turns offered at once, each answer classified (turn, fast refusal, anything else);
@@ -74,9 +74,12 @@ class Sizes:
     fanout_limited_seconds: float = 30.0
     # Quiet and attacked alternate this many times (each way `seconds / fanout_windows` long).
     fanout_windows: int = 3
-    # Issue 17: sequential turns per stack and round; every round runs every stack, rotated.
+    # Issue 17: sequential turns per stack and round; every round runs every stack, rotated; the
+    # rounds run in batches, each on six fresh stacks (processes that are identical but for their
+    # settings still differ by a per cent or so of CPU, as long as they live: memory layout).
     tracing_turns: int = 25
-    tracing_rounds: int = 30
+    tracing_rounds: int = 8
+    tracing_batches: int = 4
     # A pause after each round's turns, inside its CPU window (the rounds' windows are back to back,
     # so every export is counted in the round it happens in, whichever that is).
     tracing_settle_seconds: float = 0.3
@@ -107,6 +110,7 @@ QUICK = Sizes(
     fanout_windows=1,
     tracing_turns=5,
     tracing_rounds=2,
+    tracing_batches=1,
     tracing_settle_seconds=0.3,
     tracing_batch_delay_ms=100,
     thinktime_users=20,
@@ -361,9 +365,10 @@ TRACING_VARIANTS = {
     "a2": "the same as a, a second stack (the control: a2 - a is the noise)",
     "b": "metrics on (the default), no tracing",
     "c": "metrics on, tracing on (OTEL_EXPORTER_OTLP_ENDPOINT: the bench's OTLP receiver), default sampling",
+    "c10": "metrics on, tracing on, 10 % of requests traced (TRACING_SAMPLE_PERCENT=10, the default until 4 Dec)",
     "d": "metrics on, tracing on, every request traced (TRACING_SAMPLE_PERCENT=100)",
 }
-TRACED_VARIANTS = ("c", "d")
+TRACED_VARIANTS = ("c", "c10", "d")
 
 
 def _cpu_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -377,16 +382,32 @@ def _mean_and_error(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) / len(values) ** 0.5
 
 
+def _batched_mean_and_error(values: list[float], batches: list[int]) -> dict[str, float]:
+    """The mean of per-round `values`, and its standard error: from the spread of the batches'
+    means when there are several batches (rounds on the same stacks share their offsets), else
+    from the rounds'."""
+    by_batch: dict[int, list[float]] = {}
+    for value, batch in zip(values, batches, strict=True):
+        by_batch.setdefault(batch, []).append(value)
+    if len(by_batch) < 2:
+        mean, error = _mean_and_error(values)
+    else:
+        mean, error = _mean_and_error([statistics.fmean(group) for group in by_batch.values()])
+    return {"mean": mean, "error": error}
+
+
 def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
-    """Issue 17: the CPU metrics and tracing add to a chat turn. Five fresh PostgreSQL stacks side
-    by side (TRACING_VARIANTS), warmed up alike; then rounds: in each, every stack gets a new user
-    and the same short run of sequential add-task turns, the stacks' turns interleaved one by one
-    (so all five meet the same moments of a noisy machine), in an order rotated every round. Every
-    stack's CPU is read before each round and again a settle time after it, the windows back to
-    back, so the traced stacks' span exports (every 5 s, the SDK's default) are counted in the
-    round they happen in; the last batch is waited for and counted in the last round. Per round,
+    """Issue 17: the CPU metrics and tracing add to a chat turn. Batches of six fresh PostgreSQL
+    stacks side by side (TRACING_VARIANTS; which variant gets which folder and ports rotates from
+    batch to batch), warmed up alike; then rounds: in each, every stack gets a new user and the
+    same short run of sequential add-task turns, the stacks' turns interleaved one by one (so all
+    six meet the same moments of a noisy machine), in an order rotated every round. Every stack's
+    CPU is read before each round and again a settle time after it, the windows back to back, so
+    the traced stacks' span exports (every 5 s, the SDK's default) are counted in the round they
+    happen in; the last batch of spans is waited for and counted in the last round. Per round,
     each variant's CPU per turn less the mean of the two untouched stacks' (a, a2); the mean over
-    the rounds and its standard error."""
+    the rounds, and its standard error from the spread of the batches' means (a stack's own
+    offset lasts its life, so rounds on the same stacks are not independent)."""
     sizes = results.sizes
     model.set_delay(0.0)
     receivers = {key: OtlpReceiver(_fresh_dir(workdir / f"otlp-{key}")).start() for key in TRACED_VARIANTS}
@@ -396,56 +417,77 @@ def tracing_phase(results: Results, model: ModelServer, workdir: Path) -> None:
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": str(sizes.tracing_batch_delay_ms),
         }
+    envs["c10"]["TRACING_SAMPLE_PERCENT"] = "10"
     envs["d"]["TRACING_SAMPLE_PERCENT"] = "100"
     keys = list(envs)
-    slices: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}  # per round: cpu, turns, p50
+    slices: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}  # per round: batch, cpu, turns, p50
     spans: dict[str, dict[str, int]] = {}  # per traced variant (and "<key>_server"): per service
     try:
-        log(f"tracing: starting {len(keys)} stacks ({', '.join(keys)})")
-        folders = [(workdir / f"tracing-{key}", env) for key, env in envs.items()]
-        with open_stacks("postgres", model.url, folders) as stacks:
-            by_key = dict(zip(keys, stacks, strict=True))
-            with ThreadPoolExecutor(len(stacks)) as pool:  # the same warm-up as the chat phase, side by side
-                warm = [job(stack, "chat_add", 2, "pg-trace-warm", requests_per_client=5) for stack in stacks]
-                list(pool.map(run_loadgen, warm))
-            drain_seconds = sizes.tracing_batch_delay_ms / 1000 + 0.5
-            time.sleep(drain_seconds)  # the warm-up's exports out of the way
-            spans_before = {key: receiver.counts() for key, receiver in receivers.items()}
-            log(
-                f"tracing: {sizes.tracing_rounds} rounds of {sizes.tracing_turns} sequential turns per stack, interleaved"
-            )
-            for number in range(sizes.tracing_rounds):
-                order = keys[number % len(keys) :] + keys[: number % len(keys)]
-                for key, row in _tracing_round({key: by_key[key] for key in order}, number, sizes).items():
-                    slices[key].append(row)
-            # The last batch of spans: its export's CPU goes to the last round, as every earlier
-            # export's went to the round it happened in.
-            tail_before = {key: cpu_by_name_of(stack.pids) for key, stack in by_key.items()}
-            time.sleep(drain_seconds)
-            for key, stack in by_key.items():
-                tail = _cpu_ms(tail_before[key], cpu_by_name_of(stack.pids))
-                last = slices[key][-1]["cpu"]
-                for name, spent in tail.items():
-                    last[name] += spent
-            for key, receiver in receivers.items():
-                after = receiver.counts()
-                spans[key] = {
-                    service: count - spans_before[key].get("spans", {}).get(service, 0)
-                    for service, count in after.get("spans", {}).items()
-                }
-                spans[key + "_server"] = {
-                    service: count - spans_before[key].get("server_spans", {}).get(service, 0)
-                    for service, count in after.get("server_spans", {}).items()
-                }
-            for key, stack in by_key.items():
-                results.stacks.append(f"tracing {key}: {stack.kind}")
+        for batch in range(sizes.tracing_batches):
+            for key, counts in _tracing_batch(batch, model.url, envs, receivers, slices, workdir, sizes).items():
+                for service, count in counts.items():
+                    spans.setdefault(key, {})[service] = spans.get(key, {}).get(service, 0) + count
     finally:
         for receiver in receivers.values():
             receiver.stop()
+    results.stacks += [f"tracing {key}: postgres" for key in keys]
     results.tracing = _tracing_summary(slices, spans, sizes)
 
 
-def _tracing_round(stacks: dict[str, StackHandle], number: int, sizes: Sizes) -> dict[str, dict[str, Any]]:
+def _tracing_batch(
+    batch: int,
+    model_url: str,
+    envs: dict[str, dict[str, str]],
+    receivers: dict[str, OtlpReceiver],
+    slices: dict[str, list[dict[str, Any]]],
+    workdir: Path,
+    sizes: Sizes,
+) -> dict[str, dict[str, int]]:
+    """One batch: six fresh stacks, warmed up, then `tracing_rounds` rounds appended to `slices`;
+    the spans the rounds exported (`_exported_spans`)."""
+    keys = list(envs)
+    placed = keys[batch % len(keys) :] + keys[: batch % len(keys)]  # folders and ports rotate
+    log(f"tracing: batch {batch + 1}/{sizes.tracing_batches}, starting {len(keys)} stacks ({', '.join(placed)})")
+    folders = [(_fresh_dir(workdir / f"tracing-{batch}-{key}"), envs[key]) for key in placed]
+    with open_stacks("postgres", model_url, folders) as stacks:
+        by_key = dict(zip(placed, stacks, strict=True))
+        with ThreadPoolExecutor(len(stacks)) as pool:  # the same warm-up as the chat phase, side by side
+            warm = [job(stack, "chat_add", 2, f"pg-trace-warm{batch}", requests_per_client=5) for stack in stacks]
+            list(pool.map(run_loadgen, warm))
+        drain_seconds = sizes.tracing_batch_delay_ms / 1000 + 0.5
+        time.sleep(drain_seconds)  # the warm-up's exports out of the way
+        spans_before = {key: receiver.counts() for key, receiver in receivers.items()}
+        log(f"tracing: {sizes.tracing_rounds} rounds of {sizes.tracing_turns} sequential turns per stack, interleaved")
+        for number in range(sizes.tracing_rounds):
+            order = keys[number % len(keys) :] + keys[: number % len(keys)]
+            name = f"{batch}-{number}"
+            for key, row in _tracing_round({key: by_key[key] for key in order}, name, sizes).items():
+                slices[key].append({**row, "batch": batch})
+        # The last batch of spans: its export's CPU goes to the last round, as every earlier
+        # export's went to the round it happened in.
+        tail_before = {key: cpu_by_name_of(stack.pids) for key, stack in by_key.items()}
+        time.sleep(drain_seconds)
+        for key, stack in by_key.items():
+            last = slices[key][-1]["cpu"]
+            for process, spent in _cpu_ms(tail_before[key], cpu_by_name_of(stack.pids)).items():
+                last[process] += spent
+    return _exported_spans(receivers, spans_before)
+
+
+def _exported_spans(receivers: dict[str, OtlpReceiver], before: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per traced variant (and "<key>_server"): the spans each service exported since `before`."""
+    spans: dict[str, dict[str, int]] = {}
+    for key, receiver in receivers.items():
+        after = receiver.counts()
+        for kind, suffix in (("spans", ""), ("server_spans", "_server")):
+            spans[key + suffix] = {
+                service: count - before[key].get(kind, {}).get(service, 0)
+                for service, count in after.get(kind, {}).items()
+            }
+    return spans
+
+
+def _tracing_round(stacks: dict[str, StackHandle], number: str, sizes: Sizes) -> dict[str, dict[str, Any]]:
     """Round `number`: a new user on every stack, their turns interleaved (one on each stack in
     `stacks`' order, again and again); each stack's CPU from just before the round to `settle`
     after it (its exports included: a process's CPU is its own, whenever it runs)."""
@@ -495,17 +537,16 @@ def _tracing_summary(
         )
     # Against the mean of the two untouched stacks, round by round; the control (a2 - a) is the
     # difference between those two, what the method reads when nothing differs.
+    batches = [row["batch"] for row in slices["a"]]
     baseline = [(_per_turn(a) + _per_turn(a2)) / 2 for a, a2 in zip(slices["a"], slices["a2"], strict=True)]
     differences = {}
     for key in slices:
         if key in ("a", "a2"):
             continue
         paired = [_per_turn(row) - base for row, base in zip(slices[key], baseline, strict=True)]
-        mean, error = _mean_and_error(paired)
-        differences[key] = {"mean": mean, "error": error}
+        differences[key] = _batched_mean_and_error(paired, batches)
     control = [_per_turn(a2) - _per_turn(a) for a, a2 in zip(slices["a"], slices["a2"], strict=True)]
-    mean, error = _mean_and_error(control)
-    differences["a2"] = {"mean": mean, "error": error}
+    differences["a2"] = _batched_mean_and_error(control, batches)
     every = next(v for v in variants if v["key"] == "d")
     server_spans = spans.get("d_server", {})
     rpc_spans = sum(count for service, count in server_spans.items() if service != "gateway")
@@ -513,7 +554,8 @@ def _tracing_summary(
         "variants": variants,
         "differences": differences,  # per turn, against (a): mean and standard error over the rounds
         "turns_per_round": sizes.tracing_turns,
-        "rounds": sizes.tracing_rounds,
+        "rounds": sizes.tracing_rounds * sizes.tracing_batches,
+        "batches": sizes.tracing_batches,
         "settle_seconds": sizes.tracing_settle_seconds,
         "batch_delay_ms": sizes.tracing_batch_delay_ms,
         # The services' RPCs per turn: their server spans when every request is traced.

@@ -399,6 +399,7 @@ class Stack:
                 for component in started:
                     component.wait_ready(timeout)
             self.components["envoy"].start(timeout)
+            self.check_alive()
         except BaseException:
             self.stop()
             raise
@@ -416,6 +417,15 @@ class Stack:
         for component in services:
             component.stop(timeout=timeout)
         self.components["envoy"].stop(timeout=timeout)
+
+    def check_alive(self) -> None:
+        """Every component still running: one that failed to bind its port has exited even when
+        another process answered its readiness check on that port."""
+        exited = [name for name, component in self.components.items() if not component.alive()]
+        if exited:
+            raise RuntimeError(
+                f"{', '.join(exited)} exited while starting (see {self.work_dir / 'logs'}): is its port taken?"
+            )
 
     def pids(self) -> list[int]:
         return [component.pid for component in self.components.values() if component.pid is not None]
