@@ -552,7 +552,7 @@ def _tracing_summary(
     rpc_spans = sum(count for service, count in server_spans.items() if service != "gateway")
     return {
         "variants": variants,
-        "differences": differences,  # per turn, against (a): mean and standard error over the rounds
+        "differences": differences,  # per turn, against (a): mean over the rounds, standard error over the batches
         "turns_per_round": sizes.tracing_turns,
         "rounds": sizes.tracing_rounds * sizes.tracing_batches,
         "batches": sizes.tracing_batches,

@@ -418,10 +418,14 @@ class Stack:
             component.stop(timeout=timeout)
         self.components["envoy"].stop(timeout=timeout)
 
+    def exited(self) -> list[str]:
+        """The components no longer running."""
+        return [name for name, component in self.components.items() if not component.alive()]
+
     def check_alive(self) -> None:
         """Every component still running: one that failed to bind its port has exited even when
         another process answered its readiness check on that port."""
-        exited = [name for name, component in self.components.items() if not component.alive()]
+        exited = self.exited()
         if exited:
             raise RuntimeError(
                 f"{', '.join(exited)} exited while starting (see {self.work_dir / 'logs'}): is its port taken?"
@@ -433,7 +437,7 @@ class Stack:
     def wait_any_exit(self, poll_seconds: float = 0.5) -> Iterable[str]:
         """Block until some component exits; yields the names of those that did."""
         while True:
-            exited = [name for name, component in self.components.items() if not component.alive()]
+            exited = self.exited()
             if exited:
                 yield from exited
                 return
