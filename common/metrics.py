@@ -29,17 +29,21 @@ and a lock-protected add (a few microseconds a call).
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
 import prometheus_client
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from common.settings import Settings
@@ -280,14 +284,42 @@ def watch_pool(engine: AsyncEngine) -> None:
 
 
 class MetricsServer:
-    """The HTTP server of one service's metrics (prometheus-client's, on a daemon thread)."""
+    """One service's /metrics: prometheus-client's WSGI app on a thread of its own.
 
-    def __init__(self, server: Any, address: str) -> None:
-        self._server, self.address = server, address
+    prometheus_client.start_http_server runs serve_forever with its 0.5 s poll, so an idle
+    service woke twice a second to look for a shutdown request (about 0.12 ms of CPU a second
+    per process, measured in the bench's tracing phase). This one blocks in select until a
+    scrape arrives; `stop` wakes it by shutting the listening socket down, which keeps the
+    socket readable until the loop has seen the shutdown request."""
+
+    def __init__(self, host: str, port: int) -> None:
+        family, bind_host = _address_family(host, port)
+        server_class = type("MetricsWSGIServer", (ThreadingWSGIServer,), {"address_family": family})
+        app = prometheus_client.make_wsgi_app(REGISTRY)
+        self._server: ThreadingWSGIServer = make_server(bind_host, port, app, server_class, handler_class=_QuietHandler)
+        self.address = f"{host}:{port}"
+        self.thread = threading.Thread(target=self._server.serve_forever, args=(None,), daemon=True, name="metrics")
+        self.thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        stopper = threading.Thread(target=self._server.shutdown, daemon=True)
+        stopper.start()
+        self._server.socket.shutdown(socket.SHUT_RDWR)
+        stopper.join()
         self._server.server_close()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access line on stderr for every scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _address_family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
+    """AF_INET6 for an IPv6 bind host, as http.server picks it."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    return family, str(sockaddr[0])
 
 
 def metrics_port(service: str, settings: Settings) -> int:
@@ -303,7 +335,6 @@ def serve_http(service: str, settings: Settings) -> MetricsServer | None:
         return None
     host = settings.metrics_bind_host or settings.grpc_bind_host
     try:
-        server, _thread = prometheus_client.start_http_server(port, addr=host)
+        return MetricsServer(host, port)
     except OSError as error:
         raise SystemExit(f"{service}: cannot serve metrics on {host}:{port}: {error}") from error
-    return MetricsServer(server, f"{host}:{port}")

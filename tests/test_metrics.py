@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -290,6 +291,28 @@ def test_serve_http_binds_the_configured_host_and_port_zero_is_off() -> None:
         assert "process_cpu_seconds_total" in {name for name, _ in scrape(port)}
         with pytest.raises(SystemExit, match="cannot serve metrics"):
             metrics.serve_http("task_service", Settings.load({"TASK_METRICS_PORT": str(port)}))
+    finally:
+        server.stop()
+    again = metrics.serve_http("task_service", Settings.load({"TASK_METRICS_PORT": str(port)}))
+    assert again is not None, "stop() frees the port"
+    again.stop()
+
+
+def _context_switches(thread: threading.Thread) -> int:
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+
+
+def test_an_idle_metrics_server_does_not_wake_up() -> None:
+    """prometheus-client's own server polls twice a second; ours sleeps until a scrape comes."""
+    server = metrics.serve_http("task_service", Settings.load({"TASK_METRICS_PORT": str(free_port())}))
+    assert server is not None
+    try:
+        thread = server.thread
+        time.sleep(0.1)
+        before = _context_switches(thread)
+        time.sleep(1.2)
+        assert _context_switches(thread) == before
     finally:
         server.stop()
 
