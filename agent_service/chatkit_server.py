@@ -89,6 +89,7 @@ from agent_service.chatkit_store import (
     workflow_of,
 )
 from agent_service.chatkit_store import task_of as workflow_task
+from agent_service.mcp_auth import CHATKIT_PATH
 from common import audit, metrics, ratelimit, validation
 from common.auth import Caller, bearer_token, reset_caller, set_caller
 from common.clients import caller_metadata
@@ -98,7 +99,6 @@ from todo.v1 import agent_pb2, conversation_pb2, conversation_pb2_grpc
 
 log = logging.getLogger("agent_service.chatkit")
 
-CHATKIT_PATH = "/chatkit"
 MAX_BODY_BYTES = 1024 * 1024  # the gateway's cap too
 RPC_TIMEOUT_SECONDS = 10.0
 RETRY_AFTER_SECONDS = "5"

@@ -23,6 +23,7 @@ from common.errors import Unauthenticated, Unavailable
 from common.settings import Settings
 
 MCP_PATH = "/mcp"
+CHATKIT_PATH = "/chatkit"  # ChatKit's custom backend, beside MCP (agent_service/chatkit_server.py)
 
 
 class KeysUnavailable(AuthenticationError):

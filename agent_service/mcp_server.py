@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib
 import json
 import logging
 import re
@@ -44,8 +45,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent_service import tools
 from agent_service.agent import Agent
-from agent_service.chatkit_server import CHATKIT_PATH, ChatKitApp
-from agent_service.mcp_auth import MCP_PATH, SubjectTokenVerifier, auth_error_response, auth_settings, caller_of
+from agent_service.mcp_auth import (
+    CHATKIT_PATH,
+    MCP_PATH,
+    SubjectTokenVerifier,
+    auth_error_response,
+    auth_settings,
+    caller_of,
+)
 from common import audit
 from common.auth import TokenVerifier
 from common.logs import request_id_var
@@ -307,8 +314,34 @@ def create_app(
     app.user_middleware.insert(0, Middleware(AllowedHosts, security=security))
     if agent is not None:
         # ChatKit beside MCP: behind the same host check and bearer middleware (scope["user"]).
-        app.router.routes.append(Route(CHATKIT_PATH, ChatKitApp(agent, conversation_channel), methods=["POST"]))
+        app.router.routes.append(Route(CHATKIT_PATH, LazyChatKit(agent, conversation_channel), methods=["POST"]))
     return app
+
+
+class LazyChatKit:
+    """POST /chatkit, with the ChatKit SDK imported when the first ChatKit request comes.
+
+    chatkit.server imports the openai-agents SDK: about 48 MB of RSS (a third of the agent's)
+    that a deployment serving only REST and MCP never needs. The first request imports it in a
+    thread, so that the event loop keeps serving other requests meanwhile; it waits that once
+    (about 0.4 s), every later request goes straight to agent_service/chatkit_server.py."""
+
+    def __init__(self, agent: Agent, conversation_channel: grpc.aio.Channel) -> None:
+        self._agent, self._conversation_channel = agent, conversation_channel
+        self._app: ASGIApp | None = None
+        self._loading = asyncio.Lock()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self._app or await self._load()
+        await app(scope, receive, send)
+
+    async def _load(self) -> ASGIApp:
+        async with self._loading:  # one import, however many first requests arrive together
+            if self._app is None:
+                module = await asyncio.to_thread(importlib.import_module, "agent_service.chatkit_server")
+                self._app = module.ChatKitApp(self._agent, self._conversation_channel)
+                log.info("chatkit loaded")
+            return self._app
 
 
 class _PlainRecords(logging.Filter):

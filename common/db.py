@@ -20,6 +20,7 @@ when it has sat idle in the pool for a while (`PING_AFTER_IDLE_SECONDS`), not on
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -27,8 +28,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Table, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
@@ -37,6 +36,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from common import metrics
 from common.settings import Settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where `python -m common.migrate` finds `common`
 
 
 def is_sqlite(url: str) -> bool:
@@ -145,6 +146,10 @@ def sync_url(url: str) -> str:
 
 
 def migrate_sync(migrations_dir: Path, url: str) -> None:
+    """Apply the migrations in this process (what `python -m common.migrate` runs)."""
+    from alembic import command  # here, not at the top: the serving process never imports alembic
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(migrations_dir))
     config.attributes["database_url"] = sync_url(url)
@@ -155,9 +160,29 @@ def migrate_sync(migrations_dir: Path, url: str) -> None:
     command.upgrade(config, "head")
 
 
+class MigrationError(RuntimeError):
+    """The service's migrations did not apply; the child's log lines above say why."""
+
+
 async def migrate(migrations_dir: Path, url: str) -> None:
-    """Apply the service's migrations up to head (off the event loop: alembic is synchronous)."""
-    await asyncio.to_thread(migrate_sync, migrations_dir, url)
+    """Apply the service's migrations up to head, in a child process (`common.migrate`).
+
+    A child keeps alembic out of the serving process's memory and off its event loop; its log
+    lines go to the service's stderr. An in-memory SQLite database would live in the child only,
+    so it is refused."""
+    if is_sqlite(url) and make_url(url).database in (None, "", ":memory:"):
+        raise MigrationError("an in-memory SQLite database cannot be migrated in a child process; use a file")
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "common.migrate",
+        str(migrations_dir),
+        stdin=asyncio.subprocess.PIPE,
+        cwd=PROJECT_ROOT,
+    )
+    await child.communicate(url.encode())
+    if child.returncode != 0:
+        raise MigrationError(f"the migrations in {migrations_dir} failed (exit status {child.returncode})")
 
 
 @asynccontextmanager

@@ -9,6 +9,7 @@ import asyncio
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import grpc
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from common import db
 from common.settings import documented_settings
 from tests.support import ROOT, ServiceProcess, auth_metadata
 from todo.v1 import task_pb2, task_pb2_grpc
@@ -134,3 +136,20 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [name for name, _default, _doc in documented_settings() if not re.search(rf"\b{name}\b", readme)]
     assert not missing, f"settings missing from README.md: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("service", ["task_service", "conversation_service", "agent_service"])
+def test_a_serving_process_does_not_import_what_it_may_never_need(service: str) -> None:
+    """Memory (issue 19): alembic and mako run in the migration child (common/migrate.py),
+    redis-py only with RATE_LIMIT_REDIS_URL, the ChatKit SDK (and openai-agents under it) when
+    the first /chatkit request comes (agent_service/mcp_server.py's LazyChatKit)."""
+    unwanted = ("alembic", "mako", "redis", "chatkit", "agents")
+    code = f"import sys, common.server, {service}.server; print(sorted(m for m in {unwanted!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+async def test_an_in_memory_sqlite_database_is_refused_by_the_migration_child() -> None:
+    with pytest.raises(db.MigrationError, match="in-memory SQLite"):
+        await db.migrate(ROOT / "task_service" / "migrations", "sqlite+aiosqlite:///:memory:")
